@@ -1,0 +1,182 @@
+"""Locating and reading UniAR checkpoint files (safetensors only, single file or sharded with an index).
+
+Layout of a UniAR checkpoint folder (``ShareLab-SII/UniAR-SFT`` / ``UniAR-RL``)::
+
+    config.json, model.safetensors | model-0000x-of-0000y.safetensors + model.safetensors.index.json,
+    tokenizer files, preprocessor_config.json, generation_config.json, chat_template.jinja   (AR model)
+    bsq_encoder/      config.json + model.safetensors                                      (decoder features)
+    sd3_transformer/  config.json + diffusion_pytorch_model.safetensors                     (SD3.5-M DiT)
+    sd3_pipeline/     model_index.json, scheduler/, vae/, text_encoder*/, tokenizer*/       (VAE, schedule, ...)
+
+Every component is checked and loaded on its own: captioning never needs the decoder folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Callable, Iterable
+
+import torch
+
+from .errors import CheckpointError
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_header(path: str) -> dict:
+    """Read a safetensors header without loading tensors; raise CheckpointError if the file is corrupt."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file is shorter than a safetensors header")
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or n > min(size - 8, 100 * 1024 * 1024):
+                raise ValueError(f"header length {n} does not fit the file size {size}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid .safetensors file ({e}); re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a valid .safetensors file (bad header); re-download it")
+    data_len = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor '{key}' has no data offsets; the file is corrupt") from None
+        if not 0 <= start <= end <= data_len:
+            raise CheckpointError(
+                f"{path}: tensor '{key}' lies beyond the end of the file (truncated download?); re-download it"
+            )
+    return header
+
+
+class WeightFiles:
+    """The safetensors files of one component: ``{base}.safetensors`` or shards listed in ``{base}.safetensors.index.json``."""
+
+    def __init__(self, folder: str, base: str = "model"):
+        self.folder = folder
+        self.base = base
+        single = os.path.join(folder, f"{base}.safetensors")
+        index = os.path.join(folder, f"{base}.safetensors.index.json")
+        self.key_to_file: dict[str, str] = {}
+        self.headers: dict[str, dict] = {}
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+            missing = [fn for fn in files if not os.path.isfile(os.path.join(folder, fn))]
+            if missing:
+                raise CheckpointError(
+                    f"{folder}: missing shard file(s) {', '.join(missing)} listed in {os.path.basename(index)}; "
+                    "the download is incomplete"
+                )
+            for fn in files:
+                path = os.path.join(folder, fn)
+                self.headers[path] = _read_header(path)
+            for key, fn in weight_map.items():
+                path = os.path.join(folder, fn)
+                if key not in self.headers[path]:
+                    raise CheckpointError(f"{path}: tensor '{key}' listed in the index is not in the shard")
+                self.key_to_file[key] = path
+        elif os.path.isfile(single):
+            self.headers[single] = _read_header(single)
+            self.key_to_file = {k: single for k in self.headers[single] if k != "__metadata__"}
+        else:
+            pickles = [fn for fn in (os.listdir(folder) if os.path.isdir(folder) else [])
+                       if fn.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            hint = (f" (found {', '.join(sorted(pickles))}: pickle checkpoints are not loaded for safety; "
+                    "use the .safetensors release)") if pickles else ""
+            raise CheckpointError(f"{folder}: no {base}.safetensors or {base}.safetensors.index.json{hint}")
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def info(self, key: str) -> tuple[list[int], torch.dtype]:
+        h = self.headers[self.key_to_file[key]][key]
+        return list(h["shape"]), _SAFETENSORS_DTYPES.get(h["dtype"], None)
+
+    def total_bytes(self, keys: Iterable[str] | None = None) -> int:
+        total = 0
+        for k in (keys if keys is not None else self.key_to_file):
+            start, end = self.headers[self.key_to_file[k]][k]["data_offsets"]
+            total += end - start
+        return total
+
+    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Read tensors (on the CPU) grouped by file."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.key_to_file[k], []).append(k)
+        out = {}
+        for path, ks in by_file.items():
+            try:
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    for k in ks:
+                        out[k] = f.get_tensor(k)
+            except Exception as e:
+                raise CheckpointError(f"{path}: could not read tensors ({type(e).__name__}: {e}); re-download it") from None
+        return out
+
+    def fingerprint(self, key_filter: Callable[[str], bool], strip: str = "") -> str:
+        """A short hash of the tensors selected by ``key_filter`` (values as float32, names without ``strip``)."""
+        h = hashlib.sha256()
+        keys = sorted(k for k in self.key_to_file if key_filter(k))
+        tensors = self.read(keys)
+        for k in keys:
+            h.update(k[len(strip):].encode() if k.startswith(strip) else k.encode())
+            h.update(tensors[k].to(torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def load_module_weights(
+    module: torch.nn.Module,
+    files: WeightFiles,
+    key_map: Callable[[str], str],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    ignore_ckpt_keys: Callable[[str], bool] = lambda k: False,
+    what: str = "model",
+) -> None:
+    """Load ``files`` into ``module`` (built on the meta device) strictly: every parameter must be present with
+    the right shape, and every checkpoint key (``key_map(module_key)``) that is not ignored must be used."""
+    wanted = {}  # ckpt key -> module key
+    for name, t in list(module.state_dict(keep_vars=True).items()):
+        wanted[key_map(name)] = name
+    available = set(files.keys())
+    missing = sorted(k for k in wanted if k not in available)
+    if missing:
+        raise CheckpointError(
+            f"{files.folder}: {len(missing)} weight(s) of the {what} are missing from the checkpoint "
+            f"(e.g. {', '.join(missing[:3])}); the checkpoint does not match its config.json or is incomplete"
+        )
+    state = module.state_dict(keep_vars=True)
+    for ck, mk in wanted.items():
+        shape, _ = files.info(ck)
+        if list(state[mk].shape) != shape:
+            raise CheckpointError(
+                f"{files.key_to_file[ck]}: tensor '{ck}' has shape {shape}, config.json implies "
+                f"{list(state[mk].shape)}; the weights do not match the config"
+            )
+    tensors = files.read(wanted)
+    new_state = {}
+    for ck, mk in wanted.items():
+        t = tensors.pop(ck)
+        target = state[mk]
+        tdtype = dtype if t.is_floating_point() else target.dtype
+        new_state[mk] = t.to(device=device, dtype=tdtype)
+    module.load_state_dict(new_state, strict=True, assign=True)

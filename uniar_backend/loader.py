@@ -1,0 +1,165 @@
+"""Opening a UniAR checkpoint folder and loading its components (device / dtype / attention choices)."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+import torch
+
+from .checkpoint import WeightFiles, load_module_weights
+from .config import UniARConfig, read_json
+from .errors import CheckpointError, InputError
+from .modeling.layers import resolve_attention
+from .modeling.uniar import COMPONENTS, UniARModel
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def resolve_device(device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device not in DEVICE_CHOICES and not str(device).startswith(("cuda:", "mps:")):
+        raise InputError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device cuda was asked for but CUDA is not available; use --device cpu or auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("device mps was asked for but MPS is not available; use --device cpu or auto")
+    return dev
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPE_CHOICES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    return _DTYPES[dtype]
+
+
+class Checkpoint:
+    """A UniAR checkpoint folder.  Opening it reads only ``config.json``; weights are read per component."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.path.abspath(os.fspath(path))
+        if not os.path.isdir(path):
+            raise CheckpointError(f"checkpoint folder not found: {path}")
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise CheckpointError(
+                f"{path} is not a UniAR checkpoint: config.json is missing (expected the folder of "
+                "ShareLab-SII/UniAR-SFT or UniAR-RL, with config.json, model*.safetensors, bsq_encoder/, sd3_*/)"
+            )
+        self.path = path
+        self.config = UniARConfig.from_file(cfg_path)
+
+    def __repr__(self):
+        return f"Checkpoint({self.path!r})"
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path.rstrip(os.sep))
+
+    @cached_property
+    def weights(self) -> WeightFiles:
+        return WeightFiles(self.path, "model")
+
+    def file(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    def require(self, *relpaths: str, what: str) -> None:
+        missing = [p for p in relpaths if not os.path.exists(self.file(p))]
+        if missing:
+            raise CheckpointError(f"{self.path}: {what} needs {', '.join(missing)}, which is missing")
+
+    @cached_property
+    def processor_config(self):
+        from .preprocess import ProcessorConfig
+
+        self.require("preprocessor_config.json", what="image preprocessing")
+        return ProcessorConfig.from_file(self.file("preprocessor_config.json"))
+
+    @cached_property
+    def generation_config(self) -> dict:
+        p = self.file("generation_config.json")
+        return read_json(p) if os.path.isfile(p) else {}
+
+    @cached_property
+    def tokenizer(self):
+        from .prompting import load_tokenizer
+
+        return load_tokenizer(self)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies the visual codebook: hash of the BSQ output-projection weights of the AR model."""
+        files = self.weights
+        return files.fingerprint(
+            lambda k: k.startswith("model.visual.bsq_output_proj") and (".norm." in k or "linear_fc1.weight" in k),
+            strip="model.visual.",
+        )
+
+    def eos_token_ids(self) -> list[int]:
+        eos = self.generation_config.get("eos_token_id")
+        if eos is None:
+            tok = self.tokenizer
+            eos = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+    # ------------------------------------------------------------------ components
+    def load_ar(self, components=COMPONENTS, device="auto", dtype="auto", attention="auto", ops=None) -> UniARModel:
+        """Load the AR model (only the ``components`` asked for: ``llm``, ``vision``, ``lm_head``, ``gen_head``)."""
+        components = tuple(components)
+        unknown = [c for c in components if c not in COMPONENTS]
+        if unknown:
+            raise InputError(f"unknown component(s) {unknown}; choose from {COMPONENTS}")
+        cfg = self.config
+        if "gen_head" in components and not cfg.can_generate:
+            raise CheckpointError(
+                f"{self.file('config.json')}: this checkpoint cannot generate images (vistok_pred / "
+                "visual_transformer_decoder are off); it can only answer questions about images"
+            )
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        backend = resolve_attention(attention, dev, dt)
+        files = self.weights
+        if "gen_head" in components:
+            self._check_head_variant(files)
+        with torch.device("meta"):
+            model = UniARModel(cfg, components, ops=ops, dtype=dt)
+        load_module_weights(model, files, model.checkpoint_key, dt, dev, what="AR model")
+        model.attention = backend
+        model.eval().requires_grad_(False)
+        model.fingerprint = self.fingerprint
+        model.checkpoint_path = self.path
+        return model
+
+    def _check_head_variant(self, files: WeightFiles) -> None:
+        keys = {k for k in files.keys() if k.startswith("output_layer_vistok.")}
+        found = ("mlp" if "output_layer_vistok.3.weight" in keys else
+                 "layernorm" if "output_layer_vistok.1.weight" in keys else
+                 "linear" if "output_layer_vistok.weight" in keys else None)
+        cfg = self.config
+        want = "mlp" if cfg.vistok_pred_use_mlp else ("layernorm" if cfg.vistok_pred_layernorm else "linear")
+        if found is None:
+            raise CheckpointError(f"{self.path}: no output_layer_vistok weights: the checkpoint cannot generate images")
+        if found != want:
+            raise CheckpointError(
+                f"{self.path}: config.json describes a '{want}' vistok head but the weights hold a '{found}' head "
+                f"(keys {sorted(keys)}); fix vistok_pred_layernorm / vistok_pred_use_mlp in config.json"
+            )
