@@ -19,11 +19,12 @@ class MRoPE:
         self.head_dim = cfg.head_dim
         self.theta = cfg.rope_theta
         half = cfg.head_dim // 2
-        axis = torch.zeros(half, dtype=torch.long)
+        axis = torch.zeros(half, dtype=torch.long, device="cpu")
         for dim, offset in ((1, 1), (2, 2)):
             axis[slice(offset, cfg.mrope_section[dim] * 3, 3)] = dim
         self.axis = axis
         self._inv_freq = {}
+        self._axis = {}
 
     def inv_freq(self, device) -> torch.Tensor:
         key = str(device)
@@ -37,7 +38,10 @@ class MRoPE:
         """position_ids (3, B, T) -> cos, sin (B, T, head_dim) in ``dtype`` (computed in float32)."""
         inv = self.inv_freq(position_ids.device)
         freqs = position_ids.to(torch.float32)[..., None] * inv  # (3, B, T, half)
-        axis = self.axis.to(position_ids.device)
+        key = str(position_ids.device)
+        axis = self._axis.get(key)
+        if axis is None:
+            axis = self._axis[key] = self.axis.to(position_ids.device)
         sel = torch.gather(freqs, 0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)
         emb = torch.cat((sel, sel), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)

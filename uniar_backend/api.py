@@ -1,0 +1,339 @@
+"""High-level operations: tokenize an image, generate / edit image tokens, caption / answer questions.
+
+Every function validates its inputs before any heavy work and runs on the device of ``model``'s parameters, so
+a caller (e.g. ComfyUI's model management) may move the model between devices between calls.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from . import prompting
+from .errors import InputError
+from .preprocess import prepare_edit_image, processor_patches
+from .sampling import MODES, Prefix, sample
+from .tokens import PATCH_PER_TOKEN, VisualTokens
+
+MAX_SIDE = 4096  # pixels per side of an AR image (16384 merged tokens at 4096x4096)
+MAX_SEED = 2**64 - 1
+
+Callback = Callable[[int, int], None]
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _need(model, *components):
+    missing = [c for c in components if c not in model.components]
+    if missing:
+        raise InputError(f"this operation needs the model component(s) {missing}; load them with "
+                         f"Checkpoint.load_ar(components=...)")
+
+
+def check_size(height, width) -> None:
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise InputError(f"{name} must be an integer, got {v!r}")
+        if v < PATCH_PER_TOKEN or v % PATCH_PER_TOKEN:
+            raise InputError(f"{name}={v} must be a positive multiple of {PATCH_PER_TOKEN} (e.g. "
+                             f"{max(PATCH_PER_TOKEN, round(v / PATCH_PER_TOKEN) * PATCH_PER_TOKEN)})")
+        if v > MAX_SIDE:
+            raise InputError(f"{name}={v} is too large: at most {MAX_SIDE} pixels per side "
+                             f"({(MAX_SIDE // PATCH_PER_TOKEN) ** 2} AR steps)")
+
+
+def check_sampling(cfg, temperature, seed) -> None:
+    if not (isinstance(cfg, (int, float)) and math.isfinite(cfg) and 0 <= cfg <= 100):
+        raise InputError(f"cfg must be a number in 0..100, got {cfg!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and 0 < temperature <= 100):
+        raise InputError(f"temperature must be in (0, 100], got {temperature!r}")
+    if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
+        raise InputError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+
+
+def _seed_value(seed: int) -> int:
+    # torch.Generator.manual_seed takes 0..2**64-1 (values >= 2**63 are passed as their int64 wrap).
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _as_image_list(images) -> list:
+    if images is None:
+        return []
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 3:
+            return [images]
+        if images.dim() == 4:
+            return list(images)
+        raise InputError(f"image tensor must be [H, W, 3] or [B, H, W, 3], got {list(images.shape)}")
+    if isinstance(images, (list, tuple)):
+        out = []
+        for im in images:
+            out.extend(_as_image_list(im) if isinstance(im, torch.Tensor) else [im])
+        return out
+    return [images]
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+def _features_from_bits(model, bits):
+    main, deep = model.visual.bits_to_features(bits.to(model.device))
+    return main, deep
+
+
+@torch.inference_mode()
+def encode_image(model, ckpt, image) -> VisualTokens:
+    """Image(s) -> visual tokens, through the Qwen3-VL fast-processor path (what understanding uses).
+
+    ``image``: a PIL image, a float tensor [H, W, 3] / [B, H, W, 3] in 0..1, or a list of those (all must
+    resize to the same token grid)."""
+    _need(model, "vision")
+    items = _as_image_list(image)
+    if not items:
+        raise InputError("no image given to encode")
+    pcfg = ckpt.processor_config
+    prepared = [processor_patches(im, pcfg) for im in items]
+    sizes = {p[2] for p in prepared}
+    if len(sizes) > 1:
+        raise InputError(f"images resize to different token grids {sorted(sizes)}; encode them separately")
+    rh, rw = prepared[0][2]
+    bits = []
+    for pv, grid, _ in prepared:
+        b = model.visual.encode_bits(pv.to(model.device), [grid], model.attention)
+        bits.append(b.cpu())
+    bits = torch.stack(bits)  # (B, N, levels, unit, d)
+    return VisualTokens.from_bits(bits, rh, rw, fingerprint=model.fingerprint)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def _edit_inputs(model, ckpt, B, edit_images, edit_tokens):
+    """-> list per prompt of (bits (n, levels, unit, d), grid (t, h, w)) for the edit input, or None."""
+    if edit_images is not None and edit_tokens is not None:
+        raise InputError("give the edit input either as an image or as tokens, not both")
+    if edit_tokens is not None:
+        v = model.cfg.vision
+        for w in edit_tokens.check_compatible(v.bsq_dim, v.levels, v.merge_unit, model.fingerprint, "this UniAR model"):
+            import warnings
+
+            warnings.warn(w)
+        if edit_tokens.batch_size not in (1, B):
+            raise InputError(f"edit tokens hold {edit_tokens.batch_size} images for {B} prompts; give 1 or {B}")
+        bits = edit_tokens.bits()
+        grid = (1, edit_tokens.ar_height // 16, edit_tokens.ar_width // 16)
+        return [(bits[i if edit_tokens.batch_size > 1 else 0], grid) for i in range(B)]
+    return None
+
+
+def _edit_image_inputs(model, ckpt, B, edit_images, height, width):
+    items = _as_image_list(edit_images)
+    if len(items) == 1 and B > 1:
+        items = items * B
+    if len(items) != B:
+        raise InputError(f"{len(items)} edit images for {B} prompts; give 1 or {B}")
+    _need(model, "vision")
+    pcfg = ckpt.processor_config
+    out = []
+    for im in items:
+        pil = prepare_edit_image(im, height, width)
+        pv, grid, _ = processor_patches(pil, pcfg)
+        bits = model.visual.encode_bits(pv.to(model.device), [grid], model.attention)
+        out.append((bits, grid))
+    return out
+
+
+def build_prefix(model, ckpt, prompts: Sequence[str], height: int, width: int, cfg: float,
+                 edit: list | None = None, max_context: int | None = None) -> tuple[Prefix, dict]:
+    """Prompt rows (conditional, then unconditional when cfg > 1), left padding, mRoPE ids, embeddings."""
+    mc = model.cfg
+    tok = ckpt.tokenizer
+    rows, cols = height // PATCH_PER_TOKEN, width // PATCH_PER_TOKEN
+    N = rows * cols
+    use_cfg = cfg > 1.0
+    row_prompts = list(prompts) + ([""] * len(prompts) if use_cfg else [])
+    row_edit = (edit + edit if use_cfg else edit) if edit is not None else None
+    texts = []
+    for r, p in enumerate(row_prompts):
+        n_img = None if row_edit is None else int(row_edit[r][0].shape[0])
+        texts.append(prompting.generation_prompt(p, rows, cols, n_img))
+    pad_id = ckpt.generation_config.get("pad_token_id")
+    if pad_id is None:
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids, attn = prompting.tokenize_left_padded(tok, texts, int(pad_id))
+    R, L = input_ids.shape
+    limit = max_context or mc.text.max_position_embeddings
+    if L + N > limit:
+        raise InputError(f"prompt ({L} tokens) + image ({N} tokens) exceed the model's context of {limit} tokens; "
+                         "shorten the prompt or lower the resolution")
+    out_grid = (1, height // 16, width // 16)
+    grids = [([row_edit[r][1]] if row_edit is not None else []) + [out_grid] for r in range(R)]
+    all_ids = torch.cat([input_ids, torch.full((R, N), mc.image_token_id, dtype=torch.long)], dim=1)
+    all_mask = torch.cat([attn, torch.ones(R, N, dtype=torch.long)], dim=1)
+    positions = prompting.rope_index(all_ids, all_mask, grids, mc.image_token_id, mc.vision_start_token_id,
+                                     mc.vision.spatial_merge_size)
+    dev = model.device
+    ids = input_ids.to(dev)
+    embeds = model.language_model.embed_tokens(ids)
+    deepstack = visual_mask = None
+    if row_edit is not None:
+        bits = torch.cat([b for b, _ in row_edit]).to(dev)
+        main, deep = model.visual.bits_to_features(bits)
+        visual_mask = ids == mc.image_token_id
+        if int(visual_mask.sum()) != main.shape[0]:
+            raise InputError("the tokenizer did not keep the image placeholders; check the checkpoint's tokenizer")
+        embeds = embeds.clone()
+        embeds[visual_mask] = main.to(embeds.dtype)
+        deepstack = deep
+    prefix = Prefix(embeds=embeds, mask=attn.bool(), positions=positions, num_tokens=N, deepstack=deepstack,
+                    visual_mask=visual_mask)
+    return prefix, {"input_ids": input_ids, "attention_mask": attn, "positions": positions, "texts": texts}
+
+
+@torch.inference_mode()
+def generate(model, ckpt, prompts, height: int, width: int, cfg: float = 1.5, temperature: float = 1.0,
+             seed: int = 0, edit_images=None, edit_tokens: VisualTokens | None = None, mode: str = "fast",
+             callback: Callback | None = None, logits_out: list | None = None,
+             info: dict | None = None) -> VisualTokens:
+    """Generate image tokens for each prompt (text-to-image, or edit when an image / tokens are given).
+
+    With ``cfg > 1`` every prompt also gets an empty-prompt row and the logits are mixed as the reference does.
+    Deviation: with ``cfg <= 1`` the reference still generates (and returns) the empty-prompt rows; we compute
+    and return only the conditional rows, so such tokens differ from the reference (half the work)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = [prompting.check_prompt(p) for p in prompts]
+    if not prompts:
+        raise InputError("no prompt given (an empty string is fine: it gives an unconditional sample)")
+    check_size(height, width)
+    check_sampling(cfg, temperature, seed)
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    _need(model, "llm", "gen_head")
+    B = len(prompts)
+    edit = _edit_inputs(model, ckpt, B, edit_images, edit_tokens)
+    if edit is None and edit_images is not None:
+        edit = _edit_image_inputs(model, ckpt, B, edit_images, height, width)
+    prefix, meta = build_prefix(model, ckpt, prompts, height, width, cfg, edit)
+    if info is not None:
+        info.update(meta)
+    bits = sample(model, prefix, float(cfg), float(temperature), _seed_value(seed), mode, callback, logits_out)
+    bits = bits[:B].cpu()
+    return VisualTokens.from_bits(bits, height, width, fingerprint=model.fingerprint)
+
+
+# ---------------------------------------------------------------------------------------------- understanding
+def _pick_token(logits, do_sample, temperature, top_k, top_p, generator):
+    if not do_sample:
+        return torch.argmax(logits, dim=-1)
+    scores = logits.float() / temperature
+    if top_k and top_k > 0:
+        k = min(int(top_k), scores.shape[-1])
+        kth = torch.topk(scores, k, dim=-1).values[..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(scores, descending=False, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove_sorted = cum <= (1 - top_p)
+        remove_sorted[..., -1:] = False
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None = None, max_new_tokens: int = 256,
+            do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+            callback: Callback | None = None, info: dict | None = None) -> list[str]:
+    """Answer ``question`` about each image (or each row of ``tokens``): the Qwen3-VL chat flow of the
+    reference (checkpoint chat template, BSQ-quantised vision features, final norm + lm_head), greedy by default,
+    stopping at the checkpoint's eos tokens.  Returns one answer per image."""
+    from .modeling.layers import additive_mask
+    from .modeling.text import KVCache, run_layers
+
+    if not isinstance(question, str):
+        raise InputError("question must be a string")
+    if (image is None) == (tokens is None):
+        raise InputError("give either an image or visual tokens to caption")
+    if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 32768:
+        raise InputError(f"max_new_tokens must be in 1..32768, got {max_new_tokens!r}")
+    if do_sample:
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise InputError(f"temperature must be > 0, got {temperature!r}")
+        if not (0 < top_p <= 1):
+            raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+        if top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {top_k!r}")
+    if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
+        raise InputError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+    _need(model, "llm", "lm_head")
+    mc = model.cfg
+    items = []  # (bits, grid)
+    if tokens is not None:
+        v = mc.vision
+        tokens.check_compatible(v.bsq_dim, v.levels, v.merge_unit, model.fingerprint, "this UniAR model")
+        grid = (1, tokens.ar_height // 16, tokens.ar_width // 16)
+        bits = tokens.bits()
+        items = [(bits[i], grid) for i in range(tokens.batch_size)]
+    else:
+        _need(model, "vision")
+        for im in _as_image_list(image):
+            pv, grid, _ = processor_patches(im, ckpt.processor_config)
+            items.append((model.visual.encode_bits(pv.to(model.device), [grid], model.attention), grid))
+    tok = ckpt.tokenizer
+    eos = set(ckpt.eos_token_ids())
+    dev = model.device
+    lm = model.language_model
+    answers = []
+    total_steps = len(items) * max_new_tokens
+    done_steps = 0
+    for bits, grid in items:
+        n_img = int(bits.shape[0])
+        text = prompting.chat_prompt(ckpt, question, n_img)
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+        L = ids.shape[1]
+        if L + max_new_tokens > mc.text.max_position_embeddings:
+            raise InputError(f"question + image ({L} tokens) + max_new_tokens exceed the model's context")
+        pos = prompting.rope_index(ids, torch.ones_like(ids), [[grid]], mc.image_token_id, mc.vision_start_token_id,
+                                   mc.vision.spatial_merge_size)
+        next_pos = int(pos.max()) + 1
+        ids_d = ids.to(dev)
+        x = lm.embed_tokens(ids_d)
+        vmask = ids_d == mc.image_token_id
+        main, deep = model.visual.bits_to_features(bits.to(dev)) if "vision" in model.components or True else None
+        x = x.clone()
+        x[vmask] = main.to(x.dtype)
+        dt = x.dtype
+        cache = KVCache(mc.text.num_hidden_layers, 1, mc.text.num_key_value_heads, mc.text.head_dim,
+                        L + max_new_tokens, dev, dt)
+        cos, sin = model.rope(pos.to(dev), dt)
+        causal = additive_mask(torch.ones(L, L, dtype=torch.bool, device=dev).tril()[None, None], dt)
+        h = run_layers(lm.layers, x, cos, sin, causal, cache, model.attention, deep, vmask)
+        cache.length = L
+        logits = model.lm_head(lm.norm(h[:, -1]))
+        if info is not None:
+            info.setdefault("scores", []).append(logits.float().cpu())
+            info.setdefault("input_ids", []).append(ids)
+            info.setdefault("positions", []).append(pos)
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(_seed_value(seed))
+        out_ids = []
+        for k in range(max_new_tokens):
+            nxt = _pick_token(logits, do_sample, temperature, top_k, top_p, gen)
+            t = int(nxt)
+            out_ids.append(t)
+            done_steps += 1
+            if callback is not None:
+                callback(done_steps, total_steps)
+            if t in eos or k + 1 == max_new_tokens:
+                break
+            p = torch.full((3, 1, 1), next_pos + k, dtype=torch.long, device=dev)
+            cos, sin = model.rope(p, dt)
+            h = run_layers(lm.layers, lm.embed_tokens(nxt.view(1, 1)), cos, sin, None, cache, model.attention)
+            cache.length += 1
+            logits = model.lm_head(lm.norm(h[:, -1]))
+            if info is not None:
+                info["scores"][-1] = torch.cat([info["scores"][-1], logits.float().cpu()])
+        done_steps = (len(answers) + 1) * max_new_tokens
+        if info is not None:
+            info.setdefault("output_ids", []).append(out_ids)
+        answers.append(tok.decode(out_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    return answers
