@@ -26,6 +26,8 @@ Callback = Callable[[int, int], None]
 # ---------------------------------------------------------------------------------------------- validation
 def _need(model, *components):
     missing = [c for c in components if c not in model.components]
+    if "vision" in components and model.visual is not None and not model.visual.has_encoder:
+        missing.append("vision")
     if missing:
         raise InputError(f"this operation needs the model component(s) {missing}; load them with "
                          f"Checkpoint.load_ar(components=...)")
@@ -298,7 +300,7 @@ def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None 
         ids_d = ids.to(dev)
         x = lm.embed_tokens(ids_d)
         vmask = ids_d == mc.image_token_id
-        main, deep = model.visual.bits_to_features(bits.to(dev)) if "vision" in model.components or True else None
+        main, deep = model.visual.bits_to_features(bits.to(dev))
         x = x.clone()
         x[vmask] = main.to(x.dtype)
         dt = x.dtype

@@ -122,9 +122,17 @@ def load_image(path: str):
         raise InputError(f"cannot read image {path}: {e}") from None
 
 
+def _is_pil(image) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(image, Image.Image)
+
+
 def image_to_uint8(image) -> torch.Tensor:
     """PIL image, uint8 HWC array/tensor, or float [H, W, 3] tensor in 0..1 (ComfyUI) -> uint8 (3, H, W)."""
-    if hasattr(image, "mode") and hasattr(image, "size"):
+    if _is_pil(image):
         arr = np.asarray(to_rgb(image), dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     t = torch.as_tensor(image)
@@ -174,7 +182,7 @@ def prepare_edit_image(image, ar_height: int, ar_width: int):
     qwen-vl-utils ``fetch_image`` resize to multiples of 28.  Returns a PIL image."""
     from PIL import Image
 
-    if not (hasattr(image, "mode") and hasattr(image, "size")):
+    if not _is_pil(image):
         arr = image_to_uint8(image).permute(1, 2, 0).numpy()
         image = Image.fromarray(arr, "RGB")
     image = to_rgb(image).resize((ar_width, ar_height), Image.BICUBIC)

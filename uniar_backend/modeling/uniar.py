@@ -65,8 +65,11 @@ class UniARModel(nn.Module):
         self.components = tuple(components)
         self.model = _Inner()
         self.model.language_model = TextModel(cfg.text, ops, device, dtype) if "llm" in components else None
-        self.model.visual = (VisionTower(cfg.vision, cfg.text.hidden_size, ops, device, dtype)
-                             if "vision" in components else None)
+        # The codebook side of the vision tower (BSQ output projections + mergers) comes with the LLM: generation
+        # and captioning from tokens need it.  The ViT encoder itself only with the "vision" component.
+        self.model.visual = (VisionTower(cfg.vision, cfg.text.hidden_size, ops, device, dtype,
+                                         encoder="vision" in components)
+                             if ("vision" in components or "llm" in components) else None)
         self.lm_head = (ops.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False, device=device, dtype=dtype)
                         if "lm_head" in components else None)
         if "gen_head" in components:

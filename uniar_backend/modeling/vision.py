@@ -93,19 +93,25 @@ class BSQOutputProjections(nn.Module):
 class VisionTower(nn.Module):
     """``model.visual`` of a UniAR checkpoint."""
 
-    def __init__(self, cfg: VisionConfig, out_hidden: int, ops, device=None, dtype=None):
+    def __init__(self, cfg: VisionConfig, out_hidden: int, ops, device=None, dtype=None, encoder: bool = True):
+        """``encoder=False`` builds only the codebook side (output projections + mergers): all that generation
+        and captioning from tokens need; the ViT and the input projections are then not loaded."""
         super().__init__()
         self.cfg = cfg
+        self.has_encoder = encoder
         d = cfg.hidden_size
-        self.patch_embed = nn.Module()
-        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.patch_embed.proj = ops.Conv3d(cfg.in_channels, d, kernel_size=k, stride=k, bias=True, device=device, dtype=dtype)
-        self.pos_embed = ops.Embedding(cfg.num_position_embeddings, d, device=device, dtype=dtype)
-        self.blocks = nn.ModuleList(VisionBlock(cfg, ops, device, dtype) for _ in range(cfg.depth))
+        if encoder:
+            self.patch_embed = nn.Module()
+            k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+            self.patch_embed.proj = ops.Conv3d(cfg.in_channels, d, kernel_size=k, stride=k, bias=True,
+                                               device=device, dtype=dtype)
+            self.pos_embed = ops.Embedding(cfg.num_position_embeddings, d, device=device, dtype=dtype)
+            self.blocks = nn.ModuleList(VisionBlock(cfg, ops, device, dtype) for _ in range(cfg.depth))
         u = cfg.merge_unit
         for level in range(cfg.levels):
-            setattr(self, _level_name("input", level),
-                    ProjMLP(d, cfg.bsq_hidden_dim, cfg.bsq_dim, d, ops, device, dtype))
+            if encoder:
+                setattr(self, _level_name("input", level),
+                        ProjMLP(d, cfg.bsq_hidden_dim, cfg.bsq_dim, d, ops, device, dtype))
             setattr(self, _level_name("output", level),
                     ProjMLP(cfg.bsq_dim, cfg.bsq_hidden_dim, d, cfg.bsq_dim, ops, device, dtype))
         # main merger: per-patch LayerNorm then concat (bsq_skip_final_layernorm) or post-shuffle norm
@@ -164,6 +170,8 @@ class VisionTower(nn.Module):
         """Processor patches (num_patches, C*T*P*P) -> BSQ bits (num_patches / merge_unit, levels, merge_unit, d).
 
         The bits are the reference's *effective* codes: index -> ``indexes_to_codes`` (64-bit quirk included)."""
+        if not self.has_encoder:
+            raise RuntimeError("the vision encoder was not loaded (component 'vision')")
         cfg = self.cfg
         proj = self.patch_embed.proj
         x = pixel_values.view(-1, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)

@@ -1,0 +1,12 @@
+"""UniAR inference library (ComfyUI-free): tokenize images, generate / edit image tokens, caption, decode.
+
+Importing this package is cheap: torch, transformers and diffusers are imported by the submodules that need
+them.  Entry points::
+
+    from uniar_backend.loader import Checkpoint
+    from uniar_backend import api            # encode_image, generate, caption
+    from uniar_backend.decoder import load_decoder
+    python -m uniar_backend --help           # CLI
+"""
+
+__version__ = "0.1.0"

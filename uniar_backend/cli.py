@@ -1,0 +1,196 @@
+"""``python -m uniar_backend``: tokenize, generate, caption (and decode, t2i from the decoder side).
+
+Errors exit non-zero with one clear line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UniARError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def common_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default: auto)")
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="weights/compute dtype (default auto: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--attention", default="auto", choices=ATTN_CHOICES,
+                   help="attention kernel (auto: flash_attention_2 when importable on CUDA, else sdpa)")
+    return p
+
+
+def _load(args, components):
+    from .loader import Checkpoint
+
+    ckpt = Checkpoint(args.model)
+    model = ckpt.load_ar(components=components, device=args.device, dtype=args.dtype, attention=args.attention)
+    return ckpt, model
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="text prompt ('' gives an unconditional sample)")
+    p.add_argument("--height", type=int, required=True, help="AR image height in pixels (multiple of 32)")
+    p.add_argument("--width", type=int, required=True, help="AR image width in pixels (multiple of 32)")
+    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--mode", default="fast", choices=("fast", "reference"),
+                   help="sampler: fast (default) or the reference loop (same tokens, slower)")
+
+
+def run_generate(args, edit: bool = True):
+    from . import api
+    from .errors import InputError
+    from .preprocess import load_image
+    from .tokens import VisualTokens
+
+    if not 1 <= args.batch_size <= 64:
+        raise InputError(f"--batch-size must be in 1..64, got {args.batch_size}")
+    api.check_size(args.height, args.width)
+    api.check_sampling(args.cfg, args.temperature, args.seed)
+    image = getattr(args, "image", None) if edit else None
+    edit_tokens = getattr(args, "image_tokens", None) if edit else None
+    edit_images = [load_image(image)] if image else None
+    tokens_in = VisualTokens.load(edit_tokens) if edit_tokens else None
+    components = ("llm", "gen_head") + (("vision",) if edit_images else ())
+    ckpt, model = _load(args, components)
+    progress = _progress("generate") if sys.stderr.isatty() else None
+    return api.generate(model, ckpt, [args.prompt] * args.batch_size, args.height, args.width, cfg=args.cfg,
+                        temperature=args.temperature, seed=args.seed, edit_images=edit_images,
+                        edit_tokens=tokens_in, mode=args.mode, callback=progress)
+
+
+def _progress(label):
+    def cb(i, n):
+        sys.stderr.write(f"\r{label}: {i}/{n}")
+        if i == n:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return cb
+
+
+def cmd_tokenize(args):
+    from . import api
+    from .preprocess import load_image
+
+    image = load_image(args.image)
+    ckpt, model = _load(args, ("vision",))
+    tokens = api.encode_image(model, ckpt, image)
+    tokens.save(args.out)
+    print(f"{args.out}: {tokens.batch_size} x {tokens.indices.shape[1]} tokens "
+          f"({tokens.ar_height}x{tokens.ar_width} px, bsq_dim {tokens.bsq_dim})")
+
+
+def cmd_generate(args):
+    tokens = run_generate(args)
+    tokens.save(args.out)
+    print(f"{args.out}: {tokens.batch_size} x {tokens.indices.shape[1]} tokens ({tokens.ar_height}x{tokens.ar_width} px)")
+
+
+def cmd_caption(args):
+    from . import api
+    from .preprocess import load_image
+    from .tokens import VisualTokens
+
+    image = load_image(args.image) if args.image else None
+    tokens = VisualTokens.load(args.tokens) if args.tokens else None
+    components = ("llm", "lm_head") + (("vision",) if image is not None else ())
+    ckpt, model = _load(args, components)
+    answers = api.caption(model, ckpt, args.question, image=image, tokens=tokens, max_new_tokens=args.max_new_tokens,
+                          do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
+    text = "\n".join(answers)
+    print(text)
+    if args.out:
+        _write_text(args.out, text)
+
+
+def _write_text(path, text):
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".uniar_", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = common_parser()
+    parser = argparse.ArgumentParser(prog="python -m uniar_backend",
+                                     description="UniAR inference: tokenize, generate, caption, decode, t2i")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tokenize", parents=[common], help="image -> visual tokens (.safetensors)")
+    p.add_argument("--model", required=True, help="UniAR checkpoint folder")
+    p.add_argument("--image", required=True, help="input image file")
+    p.add_argument("--out", required=True, help="output tokens file (.safetensors)")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("generate", parents=[common], help="prompt (+ optional edit image/tokens) -> visual tokens")
+    p.add_argument("--model", required=True, help="UniAR checkpoint folder")
+    add_generate_args(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--image", help="edit mode: input image file")
+    src.add_argument("--image-tokens", help="edit mode: input given as visual tokens (no re-encoding)")
+    p.add_argument("--out", required=True, help="output tokens file (.safetensors)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("caption", parents=[common], help="answer a question about an image or visual tokens")
+    p.add_argument("--model", required=True, help="UniAR checkpoint folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="input image file")
+    src.add_argument("--tokens", help="input visual tokens file")
+    p.add_argument("--question", required=True, help="question / instruction")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="maximum answer length (default 256)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --do-sample)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (with --do-sample)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (with --do-sample)")
+    p.add_argument("--out", help="also write the answer to this text file (UTF-8)")
+    p.set_defaults(func=cmd_caption)
+
+    try:
+        from . import cli_decode
+    except ImportError:
+        cli_decode = None
+    if cli_decode is not None:
+        cli_decode.register(sub, common)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UniARError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; use a smaller size, batch or dtype bfloat16", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
