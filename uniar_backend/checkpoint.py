@@ -133,13 +133,14 @@ class WeightFiles:
         return out
 
     def fingerprint(self, key_filter: Callable[[str], bool], strip: str = "") -> str:
-        """A short hash of the tensors selected by ``key_filter`` (values as float32, names without ``strip``)."""
+        """A short hash of the tensors selected by ``key_filter`` (names without ``strip``; values rounded to
+        bfloat16 first, so the same weights stored in float32 or bfloat16 give the same fingerprint)."""
         h = hashlib.sha256()
         keys = sorted(k for k in self.key_to_file if key_filter(k))
         tensors = self.read(keys)
         for k in keys:
             h.update(k[len(strip):].encode() if k.startswith(strip) else k.encode())
-            h.update(tensors[k].to(torch.float32).contiguous().numpy().tobytes())
+            h.update(tensors[k].to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
         return h.hexdigest()[:16]
 
 
@@ -152,8 +153,9 @@ def load_module_weights(
     ignore_ckpt_keys: Callable[[str], bool] = lambda k: False,
     what: str = "model",
 ) -> None:
-    """Load ``files`` into ``module`` (built on the meta device) strictly: every parameter must be present with
-    the right shape, and every checkpoint key (``key_map(module_key)``) that is not ignored must be used."""
+    """Load ``files`` into ``module`` (built on the meta device): every parameter of the module must be present in
+    the checkpoint (under ``key_map(module_key)``) with the right shape; checkpoint keys of components that were
+    not asked for are simply not read.  Nothing is assigned until every check has passed."""
     wanted = {}  # ckpt key -> module key
     for name, t in list(module.state_dict(keep_vars=True).items()):
         wanted[key_map(name)] = name

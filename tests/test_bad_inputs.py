@@ -1,0 +1,189 @@
+"""Bad inputs get a clear error naming the problem and the fix, before any heavy work (README's table)."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import TEST_IMAGE, ckpt_path, load_model, run_cli
+
+from uniar_backend import api
+from uniar_backend.errors import CheckpointError, InputError, TokenError
+from uniar_backend.loader import Checkpoint
+from uniar_backend.preprocess import load_image
+
+
+def copy_ckpt(tmp_path, name="uniar-tiny-bsq64", skip=()):
+    """A writable copy of a fixture checkpoint's AR files (decoder folders left out unless needed)."""
+    src = ckpt_path(name)
+    dst = tmp_path / name
+    dst.mkdir()
+    for fn in os.listdir(src):
+        if fn in skip or os.path.isdir(os.path.join(src, fn)):
+            continue
+        shutil.copy(os.path.join(src, fn), dst / fn)
+    return dst
+
+
+def edit_config(folder, **changes):
+    p = folder / "config.json"
+    cfg = json.loads(p.read_text())
+    for k, v in changes.items():
+        target = cfg
+        *path, last = k.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = v
+    p.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("h,w,msg", [(100, 64, "multiple of 32"), (64, 0, "multiple of 32"), (8192, 64, "too large"),
+                                     (64.0, 64, "integer")])
+def test_bad_sizes(h, w, msg):
+    ck, m = load_model("uniar-tiny")
+    with pytest.raises(InputError, match=msg):
+        api.generate(m, ck, ["x"], h, w)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(cfg=-1), "cfg"), (dict(cfg=float("nan")), "cfg"),
+                                    (dict(temperature=0), "temperature"), (dict(seed=-1), "seed"),
+                                    (dict(mode="turbo"), "mode"), (dict(seed=2**64), "seed")])
+def test_bad_sampling_values(kw, msg):
+    ck, m = load_model("uniar-tiny")
+    with pytest.raises(InputError, match=msg):
+        api.generate(m, ck, ["x"], 64, 64, **kw)
+
+
+def test_prompt_longer_than_context(tmp_path):
+    folder = copy_ckpt(tmp_path)
+    edit_config(folder, **{"text_config.max_position_embeddings": 64})
+    ck = Checkpoint(folder)
+    m = ck.load_ar(components=("llm", "gen_head"), device="cpu", dtype="float32")
+    with pytest.raises(InputError, match="exceed the model's context of 64 tokens"):
+        api.generate(m, ck, ["word " * 80], 64, 64)
+
+
+def test_reserved_tokens_in_prompt():
+    ck, m = load_model("uniar-tiny")
+    with pytest.raises(InputError, match="reserved token"):
+        api.generate(m, ck, ["a <|image_pad|> b"], 64, 64)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        Checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        Checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
+    with pytest.raises(CheckpointError, match="model_type is 'qwen3_vl', expected 'uniar'"):
+        Checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        Checkpoint(tmp_path)
+
+
+def test_missing_weights(tmp_path):
+    folder = copy_ckpt(tmp_path, skip=("model.safetensors",))
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        Checkpoint(folder).load_ar(device="cpu")
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle checkpoints are not loaded"):
+        Checkpoint(folder).load_ar(device="cpu")
+
+
+def test_missing_shard(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_ckpt(tmp_path, skip=("model.safetensors",))
+    sd = load_file(ckpt_path("uniar-tiny-bsq64") + "/model.safetensors")
+    keys = sorted(sd)
+    half = len(keys) // 2
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    save_file({k: sd[k] for k in keys[:half]}, str(folder / names[0]), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: names[0] if i < half else names[1] for i, k in enumerate(keys)}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="missing shard file\\(s\\) model-00002-of-00002.safetensors"):
+        Checkpoint(folder).load_ar(device="cpu")
+
+
+def test_truncated_safetensors(tmp_path):
+    folder = copy_ckpt(tmp_path, skip=("model.safetensors",))
+    data = open(ckpt_path("uniar-tiny-bsq64") + "/model.safetensors", "rb").read()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated download"):
+        Checkpoint(folder).load_ar(device="cpu")
+    (folder / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="not a valid .safetensors file"):
+        Checkpoint(folder).load_ar(device="cpu")
+
+
+def test_shape_mismatch(tmp_path):
+    folder = copy_ckpt(tmp_path)
+    edit_config(folder, **{"text_config.intermediate_size": 96})
+    with pytest.raises(CheckpointError, match="has shape .* config.json implies"):
+        Checkpoint(folder).load_ar(device="cpu")
+
+
+def test_head_variant_mismatch(tmp_path):
+    folder = copy_ckpt(tmp_path)
+    edit_config(folder, vistok_pred_layernorm=False)
+    with pytest.raises(CheckpointError, match="'linear' vistok head but the weights hold a 'layernorm' head"):
+        Checkpoint(folder).load_ar(device="cpu")
+
+
+def test_missing_tokenizer(tmp_path):
+    folder = copy_ckpt(tmp_path, skip=("tokenizer.json",))
+    ck = Checkpoint(folder)
+    m = ck.load_ar(components=("llm", "gen_head"), device="cpu")
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        api.generate(m, ck, ["x"], 32, 32)
+
+
+def test_tokens_of_another_model():
+    ck16, m16 = load_model("uniar-tiny")
+    ck64, m64 = load_model("uniar-tiny-bsq64")
+    t64 = api.generate(m64, ck64, ["x"], 32, 32)
+    with pytest.raises(TokenError, match="incompatible model"):
+        api.caption(m16, ck16, "what?", tokens=t64, max_new_tokens=2)
+    with pytest.raises(TokenError, match="incompatible model"):
+        api.generate(m16, ck16, ["edit"], 32, 32, edit_tokens=t64)
+
+
+def test_unreadable_image_cli(tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"GIF89a broken")
+    p = run_cli("caption", "--model", ckpt_path("uniar-tiny"), "--image", bad, "--question", "q", check=False)
+    assert p.returncode != 0 and "cannot read image" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_runtime_options():
+    ck = Checkpoint(ckpt_path("uniar-tiny"))
+    with pytest.raises(InputError, match="dtype"):
+        ck.load_ar(device="cpu", dtype="float8")
+    with pytest.raises(InputError, match="attention"):
+        ck.load_ar(device="cpu", attention="xformers")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            ck.load_ar(device="cuda")
+        with pytest.raises(InputError, match="flash_attention_2 needs CUDA"):
+            ck.load_ar(device="cpu", attention="flash_attention_2")
+
+
+def test_caption_bad_values():
+    ck, m = load_model("uniar-tiny")
+    img = load_image(TEST_IMAGE)
+    with pytest.raises(InputError, match="either an image or visual tokens"):
+        api.caption(m, ck, "q")
+    with pytest.raises(InputError, match="max_new_tokens"):
+        api.caption(m, ck, "q", image=img, max_new_tokens=0)
+    with pytest.raises(InputError, match="top_p"):
+        api.caption(m, ck, "q", image=img, do_sample=True, top_p=0)
+
+
+def test_missing_component():
+    ck, m = load_model("uniar-tiny", components=("llm", "lm_head"))
+    with pytest.raises(InputError, match="gen_head"):
+        api.generate(m, ck, ["x"], 32, 32)
+    with pytest.raises(InputError, match="vision"):
+        api.encode_image(m, ck, load_image(TEST_IMAGE))

@@ -1,0 +1,103 @@
+"""Loading: sharded checkpoints, per-component loading, dtype/attention options, cheap imports."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from conftest import ROOT, TEST_IMAGE, ckpt_path, load_model
+from test_bad_inputs import copy_ckpt
+
+from uniar_backend import api
+from uniar_backend.loader import Checkpoint
+from uniar_backend.preprocess import load_image
+
+
+def test_sharded_checkpoint_loads_identically(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_ckpt(tmp_path, skip=("model.safetensors",))
+    sd = load_file(ckpt_path("uniar-tiny-bsq64") + "/model.safetensors")
+    keys = sorted(sd)
+    n = 3
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    wm = {}
+    for i in range(n):
+        part = keys[i::n]
+        save_file({k: sd[k].to(torch.bfloat16) if sd[k].is_floating_point() else sd[k] for k in part},
+                  str(folder / names[i]), metadata={"format": "pt"})
+        wm.update({k: names[i] for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    ck = Checkpoint(folder)
+    m = ck.load_ar(device="cpu", dtype="bfloat16")
+    ck0, m0 = load_model("uniar-tiny-bsq64", dtype="bfloat16")
+    a = api.generate(m, ck, ["a red cube"], 64, 64, seed=1)
+    b = api.generate(m0, ck0, ["a red cube"], 64, 64, seed=1)
+    assert torch.equal(a.indices, b.indices)
+    assert m.fingerprint == m0.fingerprint  # fingerprint independent of storage dtype/sharding
+
+
+def test_components_load_only_what_is_needed():
+    _, vision = load_model("uniar-tiny-bsq64", components=("vision",))
+    assert vision.language_model is None and vision.lm_head is None and vision.visual_decoder is None
+    _, cap = load_model("uniar-tiny-bsq64", components=("llm", "lm_head"))
+    assert cap.visual_decoder is None and not cap.visual.has_encoder
+    keys = set(cap.state_dict())
+    assert "model.visual.merger.linear_fc1.weight" in keys and "model.visual.patch_embed.proj.weight" not in keys
+
+
+def test_attention_backends_agree():
+    ck, sdpa = load_model("uniar-tiny-bsq64", attention="sdpa")
+    _, eager = load_model("uniar-tiny-bsq64", attention="eager")
+    la, lb = [], []
+    ta = api.generate(sdpa, ck, ["a dog"], 64, 96, seed=11, logits_out=la)
+    tb = api.generate(eager, ck, ["a dog"], 64, 96, seed=11, logits_out=lb)
+    assert (la[0] - lb[0]).abs().max() < 1e-5
+    assert torch.equal(ta.indices, tb.indices)
+
+
+def test_generation_does_not_touch_global_rng():
+    ck, m = load_model("uniar-tiny")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    api.generate(m, ck, ["x"], 32, 32, seed=5)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_private_generator_equals_global_seeding():
+    """The reference seeds the global generator; our private generator yields the same stream."""
+    g = torch.Generator().manual_seed(1234)
+    torch.manual_seed(1234)
+    assert torch.equal(torch.empty(100).exponential_(1, generator=g), torch.empty(100).exponential_(1))
+
+
+def test_import_is_cheap():
+    code = ("import sys, uniar_backend, uniar_backend.tokens, uniar_backend.errors;"
+            "print(sorted(m for m in ('transformers', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_callback_progress_and_cancel():
+    ck, m = load_model("uniar-tiny")
+    seen = []
+    api.generate(m, ck, ["x"], 64, 64, callback=lambda i, n: seen.append((i, n)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(i, n):
+        if i == 2:
+            raise Cancelled
+
+    import pytest
+
+    with pytest.raises(Cancelled):
+        api.generate(m, ck, ["x"], 64, 64, callback=cancel)
+    # the model is still usable after a cancel
+    assert api.generate(m, ck, ["x"], 64, 64, seed=0).indices.shape == (1, 4, 4, 4)
+    txt = []
+    api.caption(m, ck, "q", image=load_image(TEST_IMAGE), max_new_tokens=3, callback=lambda i, n: txt.append(i))
+    assert txt == [1, 2, 3]
