@@ -60,13 +60,31 @@ def ckpt_name(request):
     return request.param
 
 
-def run_cli(*args, check=True):
+def run_cli(*args, check=True, subprocess_=False):
+    """Run ``python -m uniar_backend ARGS``.  By default in this process through ``uniar_backend.cli.main`` (the
+    same code path, without paying the interpreter + torch import again); ``subprocess_=True`` runs the real
+    ``python -m`` entry point."""
+    import contextlib
+    import io
     import subprocess
+    import types
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "uniar_backend", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
+    argv = [str(a) for a in args]
+    if subprocess_:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([sys.executable, "-m", "uniar_backend", *argv], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=600)
+    else:
+        from uniar_backend.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except SystemExit as e:  # argparse errors
+                rc = e.code if isinstance(e.code, int) else 2
+        proc = types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"CLI failed ({proc.returncode}): {proc.stderr}")
     return proc

@@ -153,7 +153,8 @@ def test_tokens_of_another_model():
 def test_unreadable_image_cli(tmp_path):
     bad = tmp_path / "x.png"
     bad.write_bytes(b"GIF89a broken")
-    p = run_cli("caption", "--model", ckpt_path("uniar-tiny"), "--image", bad, "--question", "q", check=False)
+    p = run_cli("caption", "--model", ckpt_path("uniar-tiny"), "--image", bad, "--question", "q", check=False,
+                subprocess_=True)
     assert p.returncode != 0 and "cannot read image" in p.stderr and "Traceback" not in p.stderr
 
 

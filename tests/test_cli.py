@@ -10,7 +10,6 @@ COMMON = ("--device", "cpu", "--dtype", "float32")
 
 
 @pytest.mark.parametrize("name", ["uniar-tiny", "uniar-tiny-bsq64"])
-@pytest.mark.slow
 def test_cli_generate_edit_tokenize_caption(tmp_path, name):
     model = ckpt_path(name)
     for case, c in GEN_CASES.items():
@@ -41,7 +40,6 @@ def test_cli_generate_edit_tokenize_caption(tmp_path, name):
         assert p1.stdout.rstrip("\n") == expected
 
 
-@pytest.mark.slow
 def test_cli_generate_with_image_tokens(tmp_path):
     model = ckpt_path("uniar-tiny-bsq64")
     t2i = tmp_path / "t2i.safetensors"
@@ -57,7 +55,7 @@ def test_cli_generate_with_image_tokens(tmp_path):
 def test_cli_batch(tmp_path):
     out = tmp_path / "b.safetensors"
     run_cli("generate", "--model", ckpt_path("uniar-tiny"), "--prompt", "x", "--height", 32, "--width", 64,
-            "--batch-size", 2, "--out", out, *COMMON)
+            "--batch-size", 2, "--out", out, *COMMON, subprocess_=True)  # the real `python -m` entry point
     t = VisualTokens.load(out)
     assert t.indices.shape == (2, 2, 4, 4)
     assert not torch.equal(t.indices[0], t.indices[1])  # every row draws its own bits
@@ -65,7 +63,7 @@ def test_cli_batch(tmp_path):
 
 def test_cli_error_is_one_line(tmp_path):
     p = run_cli("generate", "--model", ckpt_path("uniar-tiny"), "--prompt", "x", "--height", 100, "--width", 64,
-                "--out", tmp_path / "o.safetensors", check=False)
+                "--out", tmp_path / "o.safetensors", check=False, subprocess_=True)
     assert p.returncode != 0
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "multiple of 32" in lines[0], p.stderr

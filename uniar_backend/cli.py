@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except UniARError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     except MemoryError:
         print("error: out of memory; use a smaller size, batch or dtype bfloat16", file=sys.stderr)
         return 3
-    return 0
+    return int(rc or 0)
 
 
 if __name__ == "__main__":
