@@ -174,11 +174,18 @@ def load_module_weights(
                 f"{files.key_to_file[ck]}: tensor '{ck}' has shape {shape}, config.json implies "
                 f"{list(state[mk].shape)}; the weights do not match the config"
             )
-    tensors = files.read(wanted)
+    # Read file by file (one shard at a time) and move each tensor to its device/dtype right away, so peak host
+    # memory stays around one shard; assign only when everything was read.
+    by_file: dict[str, list[str]] = {}
+    for ck in wanted:
+        by_file.setdefault(files.key_to_file[ck], []).append(ck)
     new_state = {}
-    for ck, mk in wanted.items():
-        t = tensors.pop(ck)
-        target = state[mk]
-        tdtype = dtype if t.is_floating_point() else target.dtype
-        new_state[mk] = t.to(device=device, dtype=tdtype)
+    for path, keys in by_file.items():
+        tensors = files.read(keys)
+        for ck in keys:
+            t = tensors.pop(ck)
+            mk = wanted[ck]
+            tdtype = dtype if t.is_floating_point() else state[mk].dtype
+            new_state[mk] = t.to(device=device, dtype=tdtype)
+        del tensors
     module.load_state_dict(new_state, strict=True, assign=True)
