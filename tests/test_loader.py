@@ -101,3 +101,38 @@ def test_callback_progress_and_cancel():
     txt = []
     api.caption(m, ck, "q", image=load_image(TEST_IMAGE), max_new_tokens=3, callback=lambda i, n: txt.append(i))
     assert txt == [1, 2, 3]
+
+
+def test_add_components_reuses_loaded_tensors(monkeypatch):
+    from uniar_backend import checkpoint as ckmod
+
+    ck = Checkpoint(ckpt_path("uniar-tiny-bsq64"))
+    gen = ck.load_ar(components=("llm", "gen_head"), device="cpu", dtype="float32")
+    kept = gen.language_model.layers[0].mlp.up_proj.weight
+    read = []
+    orig = ckmod.WeightFiles.read
+
+    def spy(self, keys):
+        keys = list(keys)
+        read.extend(keys)
+        return orig(self, keys)
+
+    monkeypatch.setattr(ckmod.WeightFiles, "read", spy)
+    both = ck.load_ar(components=("lm_head", "vision"), device="cpu", reuse=gen)
+    assert set(both.components) == {"llm", "gen_head", "lm_head", "vision"}
+    assert both.language_model.layers[0].mlp.up_proj.weight.data_ptr() == kept.data_ptr()
+    assert read and all(k.startswith(("lm_head", "model.visual.")) for k in read)
+    assert not any(k.startswith("model.visual.bsq_output_proj") for k in read)  # codebook side was loaded
+    assert api.caption(both, ck, "What is in this image?", image=load_image(TEST_IMAGE), max_new_tokens=16) == \
+        [" wasscri wind systemDeDeDeDeDeDeDeDeDeDeDeDe"]
+
+
+def test_compute_device_override():
+    ck, m = load_model("uniar-tiny")
+    assert m.device == torch.device("cpu")
+    m.device = "cpu"
+    assert m.device == torch.device("cpu")
+    m.device = None
+    # compute_device decides the attention backend (checked against the device the model will run on)
+    m2 = ck.load_ar(components=("vision",), device="cpu", compute_device="cpu", attention="auto")
+    assert m2.attention == "sdpa"

@@ -152,6 +152,7 @@ def load_module_weights(
     device: torch.device | str,
     ignore_ckpt_keys: Callable[[str], bool] = lambda k: False,
     what: str = "model",
+    preloaded: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Load ``files`` into ``module`` (built on the meta device): every parameter of the module must be present in
     the checkpoint (under ``key_map(module_key)``) with the right shape; checkpoint keys of components that were
@@ -176,10 +177,16 @@ def load_module_weights(
             )
     # Read file by file (one shard at a time) and move each tensor to its device/dtype right away, so peak host
     # memory stays around one shard; assign only when everything was read.
+    new_state = {}
+    if preloaded:  # tensors of an already loaded model (same checkpoint): take them over, read nothing
+        for ck, mk in list(wanted.items()):
+            t = preloaded.get(mk)
+            if t is not None and list(t.shape) == list(state[mk].shape) and t.device.type != "meta":
+                new_state[mk] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                del wanted[ck]
     by_file: dict[str, list[str]] = {}
     for ck in wanted:
         by_file.setdefault(files.key_to_file[ck], []).append(ck)
-    new_state = {}
     for path, keys in by_file.items():
         tensors = files.read(keys)
         for ck in keys:

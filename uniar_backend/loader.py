@@ -122,9 +122,17 @@ class Checkpoint:
         return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
     # ------------------------------------------------------------------ components
-    def load_ar(self, components=COMPONENTS, device="auto", dtype="auto", attention="auto", ops=None) -> UniARModel:
-        """Load the AR model (only the ``components`` asked for: ``llm``, ``vision``, ``lm_head``, ``gen_head``)."""
+    def load_ar(self, components=COMPONENTS, device="auto", dtype="auto", attention="auto", ops=None,
+                compute_device=None, reuse: UniARModel | None = None) -> UniARModel:
+        """Load the AR model (only the ``components`` asked for: ``llm``, ``vision``, ``lm_head``, ``gen_head``).
+
+        ``device`` is where the weights are placed; ``compute_device`` (default: ``device``) is where they will
+        run, which decides the attention backend (a host may load onto an offload device and move the model
+        later).  ``reuse``: an already loaded model of this checkpoint whose tensors are taken over instead of
+        being read again (to add components to it); it must not be used afterwards."""
         components = tuple(components)
+        if reuse is not None:
+            components = tuple(dict.fromkeys(tuple(reuse.components) + components))
         unknown = [c for c in components if c not in COMPONENTS]
         if unknown:
             raise InputError(f"unknown component(s) {unknown}; choose from {COMPONENTS}")
@@ -135,14 +143,16 @@ class Checkpoint:
                 "visual_transformer_decoder are off); it can only answer questions about images"
             )
         dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
-        backend = resolve_attention(attention, dev, dt)
+        cdev = resolve_device(compute_device) if compute_device is not None else dev
+        dt = resolve_dtype(dtype, cdev) if reuse is None else reuse.dtype
+        backend = resolve_attention(attention, cdev, dt)
         files = self.weights
         if "gen_head" in components:
             self._check_head_variant(files)
         with torch.device("meta"):
             model = UniARModel(cfg, components, ops=ops, dtype=dt)
-        load_module_weights(model, files, model.checkpoint_key, dt, dev, what="AR model")
+        preloaded = dict(reuse.state_dict()) if reuse is not None else None
+        load_module_weights(model, files, model.checkpoint_key, dt, dev, what="AR model", preloaded=preloaded)
         model.attention = backend
         model.eval().requires_grad_(False)
         model.fingerprint = self.fingerprint

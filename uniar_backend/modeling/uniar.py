@@ -83,6 +83,7 @@ class UniARModel(nn.Module):
         self.rope = MRoPE(cfg.text)
         self.attention = "sdpa"
         self.fingerprint = ""
+        self._device = None
 
     @property
     def language_model(self) -> TextModel:
@@ -94,7 +95,15 @@ class UniARModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The compute device: set explicitly by a host that streams weights (ComfyUI low-VRAM mode, where
+        some parameters stay on the offload device), else the device of the parameters."""
+        if self._device is not None:
+            return self._device
         return next(self.parameters()).device
+
+    @device.setter
+    def device(self, value) -> None:
+        self._device = None if value is None else torch.device(value)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,28 @@
+"""The ``ComfyExtension`` of the pack: the list of UniAR nodes (node ids are a stable API: never rename)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .caption import UniARCaption
+from .decode import UniARDecode
+from .generate import UniAREncodeImage, UniARGenerate
+from .loader import UniARDownloadModel, UniARModelLoader
+from .tokens import UniARLoadTokens, UniARPreviewTokens, UniARSaveTokens
+
+NODES = [
+    UniARModelLoader,
+    UniARDownloadModel,
+    UniAREncodeImage,
+    UniARGenerate,
+    UniARDecode,
+    UniARCaption,
+    UniARSaveTokens,
+    UniARLoadTokens,
+    UniARPreviewTokens,
+]
+
+
+class UniARExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

@@ -1,0 +1,159 @@
+"""Image -> tokens (encode) and prompt (+ edit input) -> tokens (generate)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import common
+from .compat import UniARModel, UniARTokens, advanced
+
+MODEL_IN_TIP = "The UniAR model from the UniAR Model Loader."
+TOKENS_OUT_TIP = ("UniAR visual tokens: 32x32-pixel units of binary codes (final layer + DeepStack levels). "
+                  "Decode them to an image, caption them, use them as an edit input, or save them.")
+
+
+def _input_error(msg: str):
+    from ..uniar_backend.errors import InputError
+
+    return InputError(msg)
+
+
+def _rgb_list(image) -> list:
+    """ComfyUI IMAGE [B, H, W, C] -> list of [H, W, 3] float tensors on the CPU."""
+    if image.dim() == 3:
+        image = image[None]
+    if image.dim() != 4 or image.shape[-1] < 3:
+        raise _input_error(f"expected an IMAGE [batch, height, width, channels], got shape {list(image.shape)}")
+    return [image[i, ..., :3].float().cpu() for i in range(image.shape[0])]
+
+
+class UniAREncodeImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UniAREncodeImage",
+            display_name="UniAR Encode Image",
+            category="UniAR/tokens",
+            description=("Turns images into UniAR visual tokens with the model's BSQ vision tokenizer (loads only "
+                         "the vision tower). The image is resized the way the model's image processor does "
+                         "(sides rounded to multiples of 32, pixel count within the processor's limits)."),
+            inputs=[
+                UniARModel.Input("model", tooltip=MODEL_IN_TIP),
+                io.Image.Input("image", tooltip="Image(s) to tokenize; every image of the batch is encoded."),
+            ],
+            outputs=[UniARTokens.Output(display_name="tokens", tooltip=TOKENS_OUT_TIP)],
+        )
+
+    @classmethod
+    def execute(cls, model, image) -> io.NodeOutput:
+        from ..uniar_backend import api
+        from ..uniar_backend.tokens import VisualTokens
+        from . import model_management as mgmt
+
+        images = _rgb_list(image)
+        ckpt, m = mgmt.ar_model(model, ("vision",))
+        cb = mgmt.progress_callback(len(images))
+        out = []
+        for i, im in enumerate(images):
+            mgmt.check_interrupt()
+            out.append(api.encode_image(m, ckpt, im))
+            cb(i + 1, len(images))
+        return io.NodeOutput(VisualTokens.cat(out) if len(out) > 1 else out[0])
+
+
+class UniARGenerate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UniARGenerate",
+            display_name="UniAR Generate",
+            category="UniAR/generate",
+            description=("Generates image tokens from a text prompt, one 32x32-pixel token per step "
+                         "(text-to-image), or edits an image given as IMAGE or as UNIAR_TOKENS (edit mode: the "
+                         "prompt says what to change). Connect UniAR Decode to get pixels."),
+            inputs=[
+                UniARModel.Input("model", tooltip=MODEL_IN_TIP),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip=("What to draw, or for an edit what to change. An empty prompt gives an "
+                                         "unconditional sample.")),
+                io.Combo.Input("aspect_ratio", options=list(common.ASPECT_CHOICES), default=common.ASPECT_CUSTOM,
+                               tooltip=("custom: use width x height as given. A ratio (e.g. 16:9): that shape "
+                                        "with about width x height pixels, sides rounded to 32. match edit "
+                                        "input: the size of the edit tokens, or the edit image's shape at about "
+                                        "width x height pixels.")),
+                io.Int.Input("width", default=512, min=common.MIN_SIDE, max=common.MAX_SIDE, step=32,
+                             tooltip="Image width in pixels (multiple of 32; one token per 32x32 pixels)."),
+                io.Int.Input("height", default=512, min=common.MIN_SIDE, max=common.MAX_SIDE, step=32,
+                             tooltip="Image height in pixels (multiple of 32). Steps = (width/32) x (height/32)."),
+                io.Float.Input("cfg", default=1.5, min=0.0, max=20.0, step=0.1, round=0.01,
+                               tooltip=("Classifier-free guidance: > 1 follows the prompt more closely (runs an "
+                                        "extra empty-prompt row), 1 = no guidance (half the work).")),
+                io.Float.Input("temperature", default=1.0, min=0.01, max=5.0, step=0.05, round=0.01,
+                               tooltip="Sampling temperature of the token bits: lower = safer, higher = more varied."),
+                io.Int.Input("seed", default=0, min=0, max=common.MAX_SEED, control_after_generate=True,
+                             tooltip="Random seed. The same seed and inputs give the same tokens (as the CLI)."),
+                io.Int.Input("batch_size", default=1, min=1, max=common.MAX_BATCH,
+                             tooltip=("Images to generate for the prompt (one seed for the batch, as the CLI "
+                                      "--batch-size). With several edit images: 1 = one output per edit image.")),
+                io.Image.Input("edit_image", optional=True,
+                               tooltip=("Optional image to edit (resized to the output size). Loads the vision "
+                                        "tower too. Connect either this or edit_tokens.")),
+                UniARTokens.Input("edit_tokens", optional=True,
+                                  tooltip=("Optional visual tokens to edit (e.g. from a previous Generate): edits "
+                                           "without re-encoding pixels.")),
+                advanced(io.Combo.Input, "mode", options=["fast", "reference"], default="fast",
+                         tooltip=("Sampler: fast (KV caches, default) or the reference loop. Both give the same "
+                                  "tokens; reference is slower and meant for checks.")),
+            ],
+            outputs=[UniARTokens.Output(display_name="tokens", tooltip=TOKENS_OUT_TIP)],
+        )
+
+    @classmethod
+    def validate_inputs(cls, aspect_ratio=None, width=None, height=None, cfg=None, temperature=None, seed=None):
+        if aspect_ratio == common.ASPECT_CUSTOM:
+            for name, v in (("width", width), ("height", height)):
+                if v is not None and (msg := common.check_side(name, v)):
+                    return msg
+        else:
+            for name, v in (("width", width), ("height", height)):
+                if v is not None and not common.MIN_SIDE <= v <= common.MAX_SIDE:
+                    return f"{name}={v} must be in {common.MIN_SIDE}..{common.MAX_SIDE}"
+        if None not in (cfg, temperature, seed) and (msg := common.check_sampling(cfg, temperature, seed)):
+            return msg
+        return True
+
+    @classmethod
+    def execute(cls, model, prompt, aspect_ratio, width, height, cfg, temperature, seed, batch_size,
+                edit_image=None, edit_tokens=None, mode="fast") -> io.NodeOutput:
+        from ..uniar_backend import api
+        from . import model_management as mgmt
+
+        if edit_image is not None and edit_tokens is not None:
+            raise _input_error("connect either edit_image or edit_tokens, not both")
+        edit_images = _rgb_list(edit_image) if edit_image is not None else None
+        n_edit = len(edit_images) if edit_images is not None else (
+            edit_tokens.batch_size if edit_tokens is not None else None)
+        try:
+            n = common.pair_batch(int(batch_size), n_edit)
+        except ValueError as e:
+            raise _input_error(str(e)) from None
+        match = None
+        if edit_tokens is not None:
+            match = (edit_tokens.ar_width, edit_tokens.ar_height)
+        elif edit_images is not None:
+            match = (int(edit_images[0].shape[1]), int(edit_images[0].shape[0]))
+        if aspect_ratio == common.ASPECT_MATCH and edit_tokens is not None:
+            w, h = match
+        else:
+            try:
+                w, h = common.resolve_size(aspect_ratio, int(width), int(height), match)
+            except ValueError as e:
+                raise _input_error(str(e)) from None
+        api.check_size(h, w)
+        components = ("llm", "gen_head") + (("vision",) if edit_images is not None else ())
+        ckpt, m = mgmt.ar_model(model, components)
+        steps = (h // common.TOKEN_PIXELS) * (w // common.TOKEN_PIXELS)
+        tokens = api.generate(m, ckpt, [prompt] * n, h, w, cfg=float(cfg), temperature=float(temperature),
+                              seed=int(seed), edit_images=edit_images, edit_tokens=edit_tokens, mode=mode,
+                              callback=mgmt.progress_callback(steps))
+        return io.NodeOutput(tokens)

@@ -1,0 +1,153 @@
+"""Loader nodes: pick a UniAR checkpoint folder (or download one from the Hub) -> ``UNIAR_MODEL``.
+
+Neither node loads weights: the ``UNIAR_MODEL`` they output is a light handle, and each consuming node loads
+only the parts it needs (see ``model_management.py``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from . import common
+from .compat import UniARModel, advanced
+
+log = logging.getLogger("UniAR")
+
+MODEL_FOLDER = "uniar"
+
+DTYPE_TIP = ("Weights and compute precision. auto: float32 on the CPU, bfloat16 on GPUs that support it "
+             "(else float16). bfloat16 halves the memory of float32; results differ slightly from float32.")
+ATTENTION_TIP = ("Attention kernel. auto: flash_attention_2 when the flash-attn package is installed and a CUDA "
+                 "GPU computes in half precision, else PyTorch sdpa. eager is the slow reference.")
+MODEL_OUT_TIP = ("The UniAR model (a light handle: the nodes that use it load only the parts they need, through "
+                 "ComfyUI's model management).")
+
+
+def uniar_folders() -> list[str]:
+    try:
+        return folder_paths.get_folder_paths(MODEL_FOLDER)
+    except KeyError:
+        return []
+
+
+def _handle(path: str, dtype: str, attention: str):
+    from .model_management import UniARHandle, get_checkpoint
+
+    get_checkpoint(path)  # cheap: reads config.json, raises a clear CheckpointError for a wrong folder
+    return UniARHandle(path=os.path.abspath(path), dtype=dtype, attention=attention)
+
+
+class UniARModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        names = common.list_checkpoints(uniar_folders())
+        return io.Schema(
+            node_id="UniARModelLoader",
+            display_name="UniAR Model Loader",
+            category="UniAR/loaders",
+            description=("Selects a UniAR checkpoint folder (Hugging Face layout, e.g. UniAR-SFT) from "
+                         "models/uniar or any 'uniar' path of extra_model_paths.yaml. Nothing is loaded here: "
+                         "each node loads only the parts it needs (captioning never loads the image decoder, "
+                         "decoding never loads the language model)."),
+            inputs=[
+                io.Combo.Input("ckpt_name", options=names, default=names[0] if names else None,
+                               tooltip=("Checkpoint folder inside models/uniar (or an extra 'uniar' path). "
+                                        "Download ShareLab-SII/UniAR-SFT or UniAR-RL from Hugging Face into "
+                                        "models/uniar/<name>, or use the 'UniAR Download Model' node.")),
+                io.Combo.Input("dtype", options=list(common.DTYPES), default="auto", tooltip=DTYPE_TIP),
+                advanced(io.Combo.Input, "attention", options=list(common.ATTENTIONS), default="auto",
+                         tooltip=ATTENTION_TIP),
+            ],
+            outputs=[UniARModel.Output(display_name="model", tooltip=MODEL_OUT_TIP)],
+        )
+
+    @classmethod
+    def validate_inputs(cls, ckpt_name=None):
+        if ckpt_name is None:
+            return True
+        if common.find_checkpoint(ckpt_name, uniar_folders()) is None:
+            return (f"UniAR checkpoint '{ckpt_name}' not found in the 'uniar' model folders "
+                    f"({', '.join(uniar_folders()) or 'none registered'}). Put the checkpoint folder there "
+                    "(or use the 'UniAR Download Model' node).")
+        return True
+
+    @classmethod
+    def execute(cls, ckpt_name, dtype="auto", attention="auto") -> io.NodeOutput:
+        path = common.find_checkpoint(ckpt_name, uniar_folders())
+        if path is None:
+            raise FileNotFoundError(f"UniAR checkpoint '{ckpt_name}' not found in {uniar_folders()}")
+        return io.NodeOutput(_handle(path, dtype, attention))
+
+
+class UniARDownloadModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UniARDownloadModel",
+            display_name="UniAR Download Model",
+            category="UniAR/loaders",
+            description=("Downloads a UniAR checkpoint from the Hugging Face Hub into the first 'uniar' model "
+                         "folder (only when the node runs; skipped when the folder is already complete, so it "
+                         "also works offline afterwards), then acts like the loader."),
+            inputs=[
+                io.Combo.Input("repo_id", options=list(common.HUB_REPOS), default=common.HUB_REPOS[0],
+                               tooltip=("Hugging Face repository. UniAR-SFT: the supervised model; UniAR-RL: "
+                                        "the RL-tuned one. About 40 GB each (weights + image decoder).")),
+                io.Combo.Input("dtype", options=list(common.DTYPES), default="auto", tooltip=DTYPE_TIP),
+                advanced(io.Combo.Input, "attention", options=list(common.ATTENTIONS), default="auto",
+                         tooltip=ATTENTION_TIP),
+            ],
+            outputs=[UniARModel.Output(display_name="model", tooltip=MODEL_OUT_TIP)],
+        )
+
+    @classmethod
+    def execute(cls, repo_id, dtype="auto", attention="auto") -> io.NodeOutput:
+        folders = uniar_folders()
+        if not folders:
+            raise RuntimeError("no 'uniar' model folder is registered (the UniAR pack registers models/uniar)")
+        local = common.hub_local_dir(repo_id, folders)
+        if not common.checkpoint_looks_complete(local):
+            _download(repo_id, local)
+        return io.NodeOutput(_handle(local, dtype, attention))
+
+
+def _download(repo_id: str, local: str) -> None:
+    from ..uniar_backend.errors import CheckpointError
+    from .model_management import check_interrupt
+
+    manual = (f"Download it manually (e.g. `hf download {repo_id} --local-dir \"{local}\"`, or from "
+              f"https://huggingface.co/{repo_id}) and put the folder at {local}, then use the UniAR Model Loader.")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"huggingface_hub is not installed, so {repo_id} cannot be downloaded. {manual}") from None
+    import comfy.utils
+    from tqdm.auto import tqdm as _tqdm
+
+    pbar = comfy.utils.ProgressBar(1)
+
+    class _Progress(_tqdm):  # snapshot_download reports files done / total through tqdm
+        def update(self, n=1):
+            out = super().update(n)
+            check_interrupt()
+            if self.total:
+                pbar.update_absolute(int(self.n), int(self.total))
+            return out
+
+    os.makedirs(local, exist_ok=True)
+    log.info("UniAR: downloading %s into %s", repo_id, local)
+    try:
+        snapshot_download(repo_id=repo_id, local_dir=local, tqdm_class=_Progress)
+    except Exception as e:  # offline, DNS failure, HTTP errors, gated repo ...
+        from comfy.model_management import InterruptProcessingException
+
+        if isinstance(e, InterruptProcessingException):
+            raise
+        raise CheckpointError(
+            f"could not download {repo_id} from the Hugging Face Hub ({type(e).__name__}: {str(e)[:300]}). "
+            f"Is this machine offline? {manual}") from None
+    if not common.checkpoint_looks_complete(local):
+        raise CheckpointError(f"the download of {repo_id} into {local} is incomplete. {manual}")
