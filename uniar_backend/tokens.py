@@ -150,6 +150,9 @@ class VisualTokens:
         fd, tmp = tempfile.mkstemp(prefix=".uniar_tokens_", suffix=".tmp", dir=folder)
         os.close(fd)
         try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files; give the usual permissions
             save_file({"indices": self.indices.detach().to("cpu", torch.int64).contiguous()}, tmp,
                       metadata=self.metadata())
             os.replace(tmp, path)

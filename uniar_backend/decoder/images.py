@@ -1,0 +1,65 @@
+"""Writing decoded images: PNG, atomically (temporary file in the target folder, then ``os.replace``)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from ..errors import InputError
+
+
+def new_file_mode() -> int:
+    """Permissions of a normally created file (0666 minus the umask); ``mkstemp`` would leave 0600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W, 3]`` floats in [0, 1] -> uint8, rounding as diffusers' ``numpy_to_pil`` (``round(x * 255)``)."""
+    return (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def output_paths(path: str | os.PathLike, count: int) -> list[str]:
+    """One image: ``path`` itself; a batch: ``stem_00000.ext``, ``stem_00001.ext``, ..."""
+    path = os.fspath(path)
+    if count == 1:
+        return [path]
+    stem, ext = os.path.splitext(path)
+    return [f"{stem}_{i:05d}{ext or '.png'}" for i in range(count)]
+
+
+def save_images(images: torch.Tensor, path: str | os.PathLike, metadata: dict | None = None) -> list[str]:
+    """Save ``[B, H, W, 3]`` (or ``[H, W, 3]``) images in [0, 1] as PNG; returns the written paths.
+
+    ``metadata``: optional text chunks (e.g. the decode parameters)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
+        raise InputError(f"images must be [B, H, W, 3] with B >= 1, got {list(images.shape)}")
+    info = None
+    if metadata:
+        info = PngInfo()
+        for k, v in metadata.items():
+            info.add_text(str(k), str(v))
+    pixels = to_uint8(images).numpy()
+    paths = output_paths(path, pixels.shape[0])
+    for arr, out in zip(pixels, paths, strict=True):
+        folder = os.path.dirname(os.path.abspath(out))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".uniar_img_", suffix=".png", dir=folder)
+        os.close(fd)
+        try:
+            Image.fromarray(arr).save(tmp, format="PNG", pnginfo=info)
+            os.chmod(tmp, new_file_mode())
+            os.replace(tmp, out)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    return paths

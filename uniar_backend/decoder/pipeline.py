@@ -1,0 +1,286 @@
+"""Visual tokens -> images: UniAR's SD3.5 decoder, reproducing ``UniARVisualDecoder.decode`` numerically.
+
+Steps (ARCHITECTURE.md section 7):
+
+1. target size ``(round(ar_h * r), round(ar_w * r))``, multiples of 16;
+2. indices -> bits (reference codec, 64-bit quirk) -> raw ``bsq_output_proj*`` features per level;
+3. ``siglip_tensor``: levels interleaved on channels (``c * levels + level``), raster order over the 16-px grid;
+4. CFG batch ``[uncond (all-zero siglip_tensor), cond]`` with the constant decoder prompt in both halves;
+5. initial noise ``torch.randn`` from a CPU generator seeded with ``seed``, in the model dtype (device-independent);
+6. FlowMatch Euler steps, ``v = v_u + g (v_c - v_u)`` (no CFG at all when ``g <= 1``, as diffusers);
+7. VAE decode of ``latents / scaling + shift``; ``(x / 2 + 0.5).clamp(0, 1)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+from ..errors import CheckpointError, InputError, TokenError
+from ..tokens import VisualTokens
+from .prompt import DEFAULT_DECODER_PROMPT, PromptEmbeddings, check_prompt, prompt_embeddings
+
+MAX_STEPS = 1000
+MAX_SEED = 2**64 - 1
+RATIO_RANGE = (1.0, 2.0)
+PIXELS_PER_PATCH = 16  # one siglip_tensor entry per 16x16 pixels of the AR image
+
+Callback = Callable[[int, int], None]
+
+
+def _param(module: torch.nn.Module) -> torch.Tensor:
+    return next(module.parameters())
+
+
+def target_size(ar_height: int, ar_width: int, upsampling_ratio: float) -> tuple[int, int]:
+    """Output size of the decoder (upstream: ``int(round(ar * ratio))``, Python rounding), validated."""
+    r = upsampling_ratio
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+        raise InputError(f"upsampling_ratio must be a number, got {r!r}")
+    lo, hi = RATIO_RANGE
+    if not lo <= r <= hi:
+        raise InputError(f"upsampling_ratio must be between {lo:g} and {hi:g}, got {r:g}")
+    h, w = int(round(ar_height * r)), int(round(ar_width * r))
+    if h % PIXELS_PER_PATCH or w % PIXELS_PER_PATCH:
+        ok = [x / 8 for x in range(8, 17)
+              if all(round(s * x / 8) % PIXELS_PER_PATCH == 0 for s in (ar_height, ar_width))]
+        raise InputError(
+            f"upsampling_ratio {r:g} turns the {ar_width}x{ar_height} tokens into {w}x{h} pixels; both sides must be "
+            f"multiples of {PIXELS_PER_PATCH} (e.g. ratio {', '.join(f'{x:g}' for x in ok)})"
+        )
+    return h, w
+
+
+def check_decode_args(steps, guidance, seed) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise InputError(f"guidance must be a finite number, got {guidance!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+
+
+class UniARDecoder:
+    """The image decoder of one UniAR checkpoint.
+
+    The big modules are plain attributes (``transformer``: the DiT, ``vae``, ``bsq_proj``: the BSQ output
+    projections), so a host such as ComfyUI may wrap and move them; :meth:`decode` runs each module on the
+    device it currently sits on.  Build with :func:`uniar_backend.decoder.load_decoder`."""
+
+    def __init__(self, root: str, transformer, vae, bsq_proj, scheduler_config: dict, fingerprint: str = "",
+                 cache_dir: str | None = None, encoder_device=None):
+        self.root = root
+        self.transformer = transformer
+        self.vae = vae
+        self.bsq_proj = bsq_proj
+        self.scheduler_config = dict(scheduler_config)
+        self.fingerprint = fingerprint
+        self.cache_dir = cache_dir
+        self.encoder_device = encoder_device  # where a new decoder prompt is encoded (None: the DiT's device)
+        self._embeddings: dict[str, PromptEmbeddings] = {}
+        bcfg = bsq_proj.cfg
+        self.bsq_dim, self.levels, self.merge_unit = bcfg.bsq_dim, bcfg.levels, bcfg.merge_unit
+        self.merge_size = bcfg.spatial_merge_size
+        tcfg = transformer.config
+        if transformer.siglip_channels != self.levels * bcfg.hidden_size:
+            raise CheckpointError(
+                f"{root}: sd3_transformer expects {transformer.siglip_channels} feature channels but bsq_encoder "
+                f"gives {self.levels} levels x {bcfg.hidden_size}; the two folders do not belong together"
+            )
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = tcfg.in_channels
+        if vae.config.latent_channels != tcfg.in_channels:
+            raise CheckpointError(f"{root}: VAE latent channels {vae.config.latent_channels} != DiT in_channels "
+                                  f"{tcfg.in_channels}")
+
+    def __repr__(self):
+        return f"UniARDecoder({self.root!r}, device={self.device}, dtype={self.dtype})"
+
+    @property
+    def device(self) -> torch.device:
+        return _param(self.transformer).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _param(self.transformer).dtype
+
+    # ------------------------------------------------------------------ prompt
+    def set_prompt_embeddings(self, emb: PromptEmbeddings) -> None:
+        tcfg = self.transformer.config
+        widths = (emb.prompt_embeds.shape[-1], emb.pooled.shape[-1])
+        if widths != (tcfg.joint_attention_dim, tcfg.pooled_projection_dim):
+            raise CheckpointError(
+                f"decoder-prompt embeddings have widths {emb.prompt_embeds.shape[-1]}/{emb.pooled.shape[-1]}, the DiT "
+                f"expects {tcfg.joint_attention_dim}/{tcfg.pooled_projection_dim}: the text encoders (or the cache) "
+                "do not belong to this checkpoint"
+            )
+        self._embeddings[emb.prompt] = emb
+
+    def prompt_embeddings(self, prompt: str | None = None) -> PromptEmbeddings:
+        """Embeddings of a decoder prompt: from memory, else the cache file, else encoded once (and cached)."""
+        prompt = check_prompt(prompt)
+        if prompt not in self._embeddings:
+            emb = prompt_embeddings(self.root, prompt, device=self.encoder_device or self.device, dtype=self.dtype,
+                                    cache_dir=self.cache_dir)
+            self.set_prompt_embeddings(emb)
+        return self._embeddings[prompt]
+
+    # ------------------------------------------------------------------ checks
+    def check(self, tokens: VisualTokens, steps: int = 28, guidance: float = 1.5, upsampling_ratio: float = 1.0,
+              seed: int = 0) -> tuple[int, int]:
+        """Validate everything :meth:`decode` needs (cheap); returns the output (height, width)."""
+        if not isinstance(tokens, VisualTokens):
+            raise TokenError(f"expected VisualTokens, got {type(tokens).__name__}")
+        tokens.validate()
+        if tokens.batch_size == 0:
+            raise TokenError("visual tokens hold no image (batch size 0)")
+        for w in tokens.check_compatible(self.bsq_dim, self.levels, self.merge_unit, self.fingerprint,
+                                         what="this decoder (bsq_encoder/)"):
+            warnings.warn(w, stacklevel=2)
+        check_decode_args(steps, guidance, seed)
+        h, w = target_size(tokens.ar_height, tokens.ar_width, upsampling_ratio)
+        tcfg = self.transformer.config
+        if not self.transformer.super_resolution and (h, w) != (tokens.ar_height, tokens.ar_width):
+            raise InputError("this checkpoint's DiT has super_resolution off: only upsampling_ratio 1 works")
+        grid_max = tcfg.pos_embed_max_size * tcfg.patch_size * self.vae_scale
+        if max(h, w) > grid_max:
+            raise InputError(f"output {w}x{h} exceeds the DiT's position table ({grid_max} pixels per side); "
+                             "use a smaller upsampling_ratio")
+        return h, w
+
+    # ------------------------------------------------------------------ pieces
+    @torch.no_grad()
+    def token_features(self, tokens: VisualTokens) -> torch.Tensor:
+        """``siglip_tensor`` (B, gh*gw, levels*Dv): raw ``bsq_output_proj*`` features, levels interleaved on the
+        channel axis (channel ``c * levels + level``, upstream's stack(-1).flatten), raster 16-px patch order."""
+        proj_dev = _param(self.bsq_proj).device
+        bits = tokens.bits().to(proj_dev)  # (B, N, levels, u, d), reference codec incl. the 64-bit quirk
+        feats = self.bsq_proj.project(bits)  # levels x (B*N*u, Dv)
+        x = torch.stack(feats, dim=-1).flatten(-2)  # (B*N*u, Dv*levels)
+        b, m = tokens.batch_size, self.merge_size
+        rows, cols = tokens.grid  # merged-token grid (32-px cells)
+        # tokens are 2x2 merge windows in raster order, sub-patches row-major -> raster order of 16-px patches
+        x = x.view(b, rows, cols, m, m, x.shape[-1]).permute(0, 1, 3, 2, 4, 5).reshape(b, rows * cols * m * m, -1)
+        return x
+
+    def initial_latents(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """``torch.randn`` on the CPU from ``Generator('cpu').manual_seed(seed)`` in the model dtype (diffusers'
+        ``randn_tensor`` with a CPU generator: one draw over the whole batch), so a seed gives the same image on
+        any device."""
+        g = torch.Generator("cpu").manual_seed(seed)
+        shape = (batch, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        return torch.randn(shape, generator=g, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def decode(self, tokens: VisualTokens, steps: int = 28, guidance: float = 1.5, upsampling_ratio: float = 1.0,
+               seed: int = 0, decoder_prompt: str | None = None, callback: Callback | None = None, *,
+               trace: dict | None = None) -> torch.Tensor:
+        """Decode visual tokens to images ``[B, H, W, 3]`` float32 in [0, 1] on the CPU (ComfyUI IMAGE layout).
+
+        ``callback(done, total)`` is called after every denoising step (``done`` = 1..steps); an exception it
+        raises cancels the decode and propagates (nothing is left half-changed: the scheduler is per call).
+        ``trace``, if a dict, receives the intermediate tensors (siglip_tensor, initial_latents, noise_preds,
+        vae_input, vae_output) for debugging and tests."""
+        height, width = self.check(tokens, steps, guidance, upsampling_ratio, seed)
+        emb = self.prompt_embeddings(decoder_prompt)
+        dit = self.transformer
+        dev, dt = self.device, self.dtype
+        B = tokens.batch_size
+        cfg = guidance > 1  # diffusers: do_classifier_free_guidance = guidance_scale > 1
+
+        siglip = self.token_features(tokens).to(dev, dt)
+        token_grid = (tokens.ar_height // PIXELS_PER_PATCH, tokens.ar_width // PIXELS_PER_PATCH)
+        cond = emb.to(dev, dt)
+        text = cond.prompt_embeds.expand(B, -1, -1)
+        pooled = cond.pooled.expand(B, -1)
+        if cfg:  # negative prompt == prompt; the unconditional half sees an all-zero token tensor
+            text, pooled = torch.cat([text, text]), torch.cat([pooled, pooled])
+            siglip_in = torch.cat([torch.zeros_like(siglip), siglip])
+        else:
+            siglip_in = siglip
+
+        latents = self.initial_latents(B, height, width, seed)
+        if trace is not None:
+            trace.update(siglip_tensor=siglip.detach().cpu(), initial_latents=latents.clone(), noise_preds=[])
+        latents = latents.to(dev)
+
+        from .components import make_scheduler
+
+        scheduler = make_scheduler(self.scheduler_config)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            kwargs["mu"] = _dynamic_shift_mu(scheduler.config, height // self.vae_scale // dit.config.patch_size
+                                             * (width // self.vae_scale // dit.config.patch_size))
+        scheduler.set_timesteps(steps, device=dev, **kwargs)
+        timesteps = scheduler.timesteps
+        for i, t in enumerate(timesteps):
+            x_in = torch.cat([latents, latents]) if cfg else latents
+            v = dit(x_in, text, pooled, t.expand(x_in.shape[0]), siglip_tensor=siglip_in, token_grid=token_grid)[0]
+            if trace is not None:
+                trace["noise_preds"].append(v.detach().cpu())
+            if cfg:
+                v_u, v_c = v.chunk(2)
+                v = v_u + guidance * (v_c - v_u)
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]  # Euler, computed in float32
+            if callback is not None:
+                callback(i + 1, len(timesteps))
+
+        vae = self.vae
+        vp = _param(vae)
+        z = (latents / vae.config.scaling_factor + vae.config.shift_factor).to(vp.device, vp.dtype)
+        image = vae.decode(z, return_dict=False)[0]
+        if trace is not None:
+            trace.update(vae_input=z.detach().cpu(), vae_output=image.detach().cpu())
+        image = (image / 2 + 0.5).clamp(0, 1)
+        return image.permute(0, 2, 3, 1).float().cpu().contiguous()
+
+
+def _dynamic_shift_mu(cfg, image_seq_len: int) -> float:
+    """diffusers' ``calculate_shift`` (only for schedulers with ``use_dynamic_shifting``; SD3.5-M has it off)."""
+    base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16)
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * m + (base_shift - m * base_len)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_decoder(ckpt_or_path, device="auto", dtype="auto", attention="auto", cache_dir=None, ops=None,
+                 decoder_prompt: str | None = None) -> UniARDecoder:
+    """Load the decoder parts of a UniAR checkpoint (safetensors only, no network, no remote code).
+
+    Order keeps the peak low: the decoder-prompt embeddings are resolved first (from the cache, or by loading the
+    text encoders one at a time and releasing them), then the BSQ projections, the DiT and the VAE.
+
+    ``ckpt_or_path``: a :class:`~uniar_backend.loader.Checkpoint` or a folder; ``device`` auto/cpu/cuda/mps;
+    ``dtype`` auto/float32/bfloat16/float16; ``attention`` auto/sdpa/eager/flash_attention_2 (DiT; the VAE uses
+    sdpa, or eager when asked); ``cache_dir`` for the prompt embeddings (default: ``<checkpoint>/.uniar_cache``
+    when writable, else ``~/.cache/uniar/...``); ``ops`` a layer namespace (e.g. ``comfy.ops``) for the BSQ
+    projections; ``decoder_prompt`` the prompt prepared up front (default: UniAR's constant decoder prompt)."""
+    from ..loader import resolve_device, resolve_dtype
+    from ..modeling.layers import resolve_attention
+    from . import components as C
+
+    root = C.checkpoint_root(ckpt_or_path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    backend = resolve_attention(attention, dev, dt)
+    # Cheap checks of every part first, so a missing or truncated file fails before anything heavy is loaded.
+    sched_cfg = C.check_parts(root)
+    cache_dir = os.path.abspath(os.fspath(cache_dir)) if cache_dir is not None else None
+    emb = prompt_embeddings(root, decoder_prompt, device=dev, dtype=dt, cache_dir=cache_dir)
+
+    bsq_proj, fingerprint = C.load_bsq_projections(root, dev, dt, ops)
+    transformer = C.load_transformer(root, dev, dt, backend)
+    vae = C.load_vae(root, dev, dt, backend)
+    dec = UniARDecoder(root, transformer, vae, bsq_proj, sched_cfg, fingerprint, cache_dir)
+    dec.attention = backend
+    dec.set_prompt_embeddings(emb)
+    return dec
+
+
+__all__ = ["DEFAULT_DECODER_PROMPT", "UniARDecoder", "load_decoder", "target_size", "check_decode_args"]
