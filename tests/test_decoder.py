@@ -227,7 +227,7 @@ def test_non_square_tokens_with_upsampling(decoders):
 
 def test_batch_and_png_writer(decoders, tmp_path):
     from uniar_backend.decoder import save_images, to_uint8
-    from uniar_backend.decoder.images import new_file_mode
+    from uniar_backend.fileio import new_file_mode
 
     dec = decoders["uniar-tiny"]
     _, g1, _, t1 = golden_tokens("uniar-tiny", "d1_decode_b1_x2")

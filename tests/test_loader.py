@@ -1,7 +1,6 @@
 """Loading: sharded checkpoints, per-component loading, dtype/attention options, cheap imports."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -5,7 +5,6 @@ Errors exit non-zero with one clear line on stderr."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .errors import UniARError
@@ -115,22 +114,11 @@ def cmd_caption(args):
 
 
 def _write_text(path, text):
-    import tempfile
+    from .fileio import atomic_path
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".uniar_", suffix=".tmp", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:

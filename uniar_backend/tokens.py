@@ -11,7 +11,6 @@ File format: one tensor ``indices`` plus string metadata ``format=uniar.visual_t
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -144,22 +143,12 @@ class VisualTokens:
         """Write the tokens atomically (a temporary file in the same folder, then rename)."""
         from safetensors.torch import save_file
 
+        from .fileio import atomic_path
+
         path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".uniar_tokens_", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files; give the usual permissions
+        with atomic_path(path, prefix=".uniar_tokens_") as tmp:
             save_file({"indices": self.indices.detach().to("cpu", torch.int64).contiguous()}, tmp,
                       metadata=self.metadata())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         return path
 
     @classmethod

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 
 from ..errors import InputError
 
 
-def new_file_mode() -> int:
-    """Permissions of a normally created file (0666 minus the umask); ``mkstemp`` would leave 0600."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
+from ..fileio import atomic_path
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -50,16 +45,6 @@ def save_images(images: torch.Tensor, path: str | os.PathLike, metadata: dict | 
     pixels = to_uint8(images).numpy()
     paths = output_paths(path, pixels.shape[0])
     for arr, out in zip(pixels, paths, strict=True):
-        folder = os.path.dirname(os.path.abspath(out))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".uniar_img_", suffix=".png", dir=folder)
-        os.close(fd)
-        try:
+        with atomic_path(out, prefix=".uniar_img_", suffix=".png") as tmp:
             Image.fromarray(arr).save(tmp, format="PNG", pnginfo=info)
-            os.chmod(tmp, new_file_mode())
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
     return paths

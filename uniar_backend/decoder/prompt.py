@@ -23,7 +23,6 @@ import gc
 import hashlib
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from .components import PIPELINE_DIR
-from .images import new_file_mode
+from ..fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -166,27 +165,18 @@ def write_cache(path: str, emb: PromptEmbeddings, dtype: torch.dtype, fingerprin
     """Write atomically (temporary file in the same folder + ``os.replace``).  Failure is only a warning."""
     from safetensors.torch import save_file
 
-    folder = os.path.dirname(path)
-    tmp = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".uniar_prompt_", suffix=".tmp", dir=folder)
-        os.close(fd)
-        save_file({"prompt_embeds": emb.prompt_embeds.contiguous().cpu(), "pooled": emb.pooled.contiguous().cpu()},
-                  tmp, metadata={"format": CACHE_FORMAT, "version": CACHE_VERSION, "prompt": emb.prompt,
-                                 "dtype": _DTYPE_NAMES[dtype], "encoder_fingerprint": fingerprint,
-                                 "checkpoint": os.path.realpath(root) if root else "",
-                                 "max_sequence_length": str(MAX_SEQUENCE_LENGTH)})
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
+        with atomic_path(path, prefix=".uniar_prompt_") as tmp:
+            save_file({"prompt_embeds": emb.prompt_embeds.contiguous().cpu(), "pooled": emb.pooled.contiguous().cpu()},
+                      tmp, metadata={"format": CACHE_FORMAT, "version": CACHE_VERSION, "prompt": emb.prompt,
+                                     "dtype": _DTYPE_NAMES[dtype], "encoder_fingerprint": fingerprint,
+                                     "checkpoint": os.path.realpath(root) if root else "",
+                                     "max_sequence_length": str(MAX_SEQUENCE_LENGTH)})
         return True
     except OSError as e:
         warnings.warn(f"could not write the decoder-prompt cache {path} ({e}); the prompt will be encoded again "
                       "next time (choose a writable cache_dir)", stacklevel=2)
         return False
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _fallback_entry(root: str, cache_dir: str, prompt: str,

@@ -23,11 +23,9 @@ def resolve_ops(ops=None):
 
 
 def flash_attn_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available()
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
 def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) -> str:
