@@ -5,9 +5,16 @@ random stream, so the same tokens):
 
 * ``fast`` (default): preallocated KV caches for the LLM *and* the ``visual_decoder`` stack (exact under causal
   attention: the reference recomputes the whole stack over prefix + generated positions at every step although
-  only the last position is read), no host synchronisation inside the loop (sampling is the reference's
-  ``multinomial(p, 1)`` written out as ``argmax(p / Exp(1))``, which is exactly what torch does for one sample,
-  minus its ``.item()`` validity check), CFG rows batched.
+  only the last position is read), so the per-step cost is flat; no host synchronisation inside the loop
+  (sampling is the reference's ``multinomial(p, 1)`` written out as ``argmax(p / Exp(1))``, which is exactly what
+  torch does for one sample, minus its ``.item()`` validity check); CFG rows batched, both halves dividing the
+  same mixed probabilities; rotary tables for all generated positions computed once; a lean single-position
+  layer step (one ``F.rms_norm`` per norm, q/k norms and rotary on the concatenated heads, GQA attention via
+  ``enable_gqa`` without expanding the cached heads, layers called through ``F.linear``) that is *bitwise* equal
+  to the module path in float32, so the LLM half of every step matches the reference exactly and only the
+  stack (incremental vs recomputed) can differ in the last bits; the BSQ feature MLPs called directly (also
+  bitwise).  On the CPU the loop runs single-threaded for small models (``FAST_OPTIONS["cpu_threads"]``); on
+  CUDA an optional CUDA-graph step (``FAST_OPTIONS["cuda_graph"]``, off by default).
 * ``reference``: the straightforward loop of the reference (growing caches by concatenation, the stack recomputed
   over the whole sequence every step, ``torch.multinomial``), kept as the baseline for tests and benchmarks.
 
@@ -20,10 +27,13 @@ own bits, ``2 * rows * levels * merge_unit * bsq_dim`` exponentials per step, fr
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
+from . import bsq
 from .modeling.layers import additive_mask
 from .modeling.text import ConcatCache, KVCache, run_layers
 
@@ -95,6 +105,237 @@ class _Common:
             self.callback(i + 1, n)
 
 
+# ---------------------------------------------------------------------------------------------- fast path
+# Options of the fast path (module level so that ``sample()`` keeps its signature; ``set_fast_options``).
+#
+# ``cuda_graph``: capture the per-step network (features -> LLM -> stack -> head) in a CUDA graph and replay it
+# (CUDA only; sampling stays eager, so the random stream is untouched).  Off by default until measured on a GPU
+# (``python -m uniar_backend.bench --real-size`` reports both).  Env: UNIAR_CUDA_GRAPH=1.
+#
+# ``cpu_threads``: intra-op threads of the CPU decode loop.  "auto" runs the loop single-threaded when one step
+# reads less than CPU_SMALL_STEP_BYTES of weights: each op of a single-position step is then a few microseconds of
+# work, OpenMP fork/join costs as much, and on a machine whose cores are shared (or busy) a parallel region
+# waits for a descheduled thread (measured: 7x slower on a loaded 2-core machine; on an idle one, 2 threads gave
+# no gain for these matrix-vector products).  An int forces that count; None keeps the caller's setting.  The
+# previous setting is restored after the loop.
+FAST_OPTIONS = {"cuda_graph": os.environ.get("UNIAR_CUDA_GRAPH", "0") == "1", "cpu_threads": "auto"}
+CPU_SMALL_STEP_BYTES = 256 << 20
+STACK_MIN_ROWS = int(os.environ.get("UNIAR_STACK_MIN_ROWS", "4"))
+
+
+def set_fast_options(**kw) -> dict:
+    """Update :data:`FAST_OPTIONS`; returns the previous values (to restore them)."""
+    unknown = set(kw) - set(FAST_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown fast-path option(s) {sorted(unknown)}")
+    old = dict(FAST_OPTIONS)
+    FAST_OPTIONS.update(kw)
+    return old
+
+
+def _linear_fn(mod, min_rows: int = 0):
+    """A plain ``nn.Linear`` is called as ``F.linear(x, w, b)`` (same kernel, no module-call overhead); any other
+    layer class (e.g. ComfyUI's casting / weight-streaming ops) through its own ``forward``.
+
+    ``min_rows``: pad the rows of a single-position step with zero rows up to this count.  BLAS picks its
+    matrix-vector kernel for very few rows and its matrix-matrix kernel otherwise; the two round differently,
+    and the reference runs the ``visual_decoder`` stack over the whole sequence (many rows).  Padding the
+    stack's step to the matrix-matrix kernel keeps its results closer to the reference's (bitwise for most
+    rows on x86 MKL), which makes token flips between the modes rarer.  Rows are independent, so padding
+    changes nothing else."""
+    if type(mod) is torch.nn.Linear:
+        w, b = mod.weight, mod.bias
+        if min_rows > 1:
+            def padded(x):
+                r = x.shape[0]
+                if r >= min_rows:
+                    return F.linear(x, w, b)
+                xp = torch.cat([x, x.new_zeros((min_rows - r,) + tuple(x.shape[1:]))])
+                return F.linear(xp, w, b)[:r]
+            return padded
+        return lambda x: F.linear(x, w, b)
+    return mod
+
+
+def _rms_fn(norm, rows: int | None = None, second=None):
+    """Qwen3 RMSNorm (layers.RMSNorm: float32 normalisation, cast back, then the weight product) as one
+    ``F.rms_norm`` call in float32 (bitwise identical to the written-out formula; checked in the tests).
+    ``rows``/``second``: q_norm and k_norm applied at once to (q heads, k heads) with per-head weight rows."""
+    eps = norm.eps
+    w = norm.weight
+    if second is not None:
+        w = torch.cat([norm.weight.expand(rows, norm.weight.shape[0]), second.weight.expand(-1, -1)])
+
+    if w.dim() == 1:
+        def f(x):
+            if x.dtype == torch.float32 and w.dtype == torch.float32:
+                return F.rms_norm(x, (x.shape[-1],), w, eps=eps)
+            return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    else:
+        def f(x):
+            return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    return f
+
+
+class _Layer:
+    """One text decoder layer prepared for single-position steps (the module's weights, referenced)."""
+
+    def __init__(self, layer, min_rows: int = 0):
+        a, mlp = layer.self_attn, layer.mlp
+        self.h, self.hkv, self.d = a.num_heads, a.num_kv, a.head_dim
+        self.scale = a.scale
+        self.norm1 = _rms_fn(layer.input_layernorm)
+        self.norm2 = _rms_fn(layer.post_attention_layernorm)
+        if a.q_norm.eps == a.k_norm.eps:
+            kw = a.k_norm.weight.view(1, -1).expand(self.hkv, -1)
+            self.qk_norm = _rms_fn(a.q_norm, self.h, _Weight(kw))
+        else:
+            qn, kn, h = _rms_fn(a.q_norm), _rms_fn(a.k_norm), self.h
+            self.qk_norm = lambda x: torch.cat([qn(x[:, :h]), kn(x[:, h:])], dim=1)
+        self.q, self.k, self.v, self.o = (_linear_fn(m, min_rows) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
+        self.gate, self.up, self.down = (_linear_fn(m, min_rows) for m in (mlp.gate_proj, mlp.up_proj,
+                                                                           mlp.down_proj))
+
+
+class _Weight:
+    def __init__(self, w):
+        self.weight = w
+
+
+def _signed_sin(sin):
+    """[-sin1, sin2]: rotate_half(x) * sin == roll(x, D/2) * [-sin1, sin2] bitwise (only signs move)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+class _Steps:
+    """Single-position steps through a stack of decoder layers with preallocated caches.
+
+    ``step(x, cos, sin_signed, pos, mask)``: x (R, 1, D); the new keys/values are written at ``pos`` (a host int
+    in eager mode; a 1-element device tensor in static mode, where attention runs over the whole capacity under
+    ``mask``).  Same arithmetic as ``TextDecoderLayer`` (bitwise in float32 on the CPU): attention with GQA
+    through ``enable_gqa`` (no copy of the cached KV heads per query head, same result).  ``grouped`` (used on
+    CUDA, where the attention kernels supporting a mask do not take ``enable_gqa`` and would fall back to a copying
+    path): the query heads of each KV head are passed as positions of one head instead (same maths, other
+    rounding)."""
+
+    def __init__(self, layers, cache, min_rows: int = 0, grouped: bool = False):
+        self.layers = [_Layer(l, min_rows) for l in layers]
+        self.cache = cache
+        self.grouped = grouped
+
+    def step(self, x, cos, sin_signed, pos, mask, deepstack=None, static: bool = False):
+        R = x.shape[0]
+        ks, vs = self.cache.k, self.cache.v
+        n_deep = len(deepstack) if deepstack is not None else 0
+        for j, ly in enumerate(self.layers):
+            H, Hkv, D = ly.h, ly.hkv, ly.d
+            h = ly.norm1(x)
+            qk = torch.cat([ly.q(h), ly.k(h)], dim=-1).view(R, H + Hkv, D)
+            v = ly.v(h).view(R, Hkv, D)
+            qk = ly.qk_norm(qk)
+            qk = qk * cos + torch.roll(qk, D // 2, -1) * sin_signed  # rotary, cos/sin (R, 1, D)
+            kc, vc = ks[j], vs[j]
+            if static:
+                kc.index_copy_(2, pos, qk[:, H:, None])
+                vc.index_copy_(2, pos, v[:, :, None])
+                keys, values = kc, vc
+            else:
+                kc.select(2, pos).copy_(qk[:, H:])
+                vc.select(2, pos).copy_(v)
+                keys, values = kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1)
+            if self.grouped:  # the g query heads of each KV head as g "positions": no KV copy on any backend
+                o = F.scaled_dot_product_attention(qk[:, :H].reshape(R, Hkv, H // Hkv, D), keys, values,
+                                                   attn_mask=mask, scale=ly.scale)
+            else:
+                o = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=mask, scale=ly.scale,
+                                                   enable_gqa=Hkv != H)
+            x = x + ly.o(o.view(R, 1, H * D))
+            h = ly.norm2(x)
+            x = x + ly.down(F.silu(ly.gate(h)) * ly.up(h))
+            if j < n_deep:
+                x = x + deepstack[j].to(x.dtype).view(x.shape)
+        return x
+
+
+class _Features:
+    """Sampled bits (R, levels, unit, d) -> (main (R, D), [DeepStack (R, D)]): ``VisionTower.bits_to_features``
+    with its layers called directly (same kernels and order, bitwise equal; the per-call module overhead is a
+    large share of this small computation).  Falls back to ``bits_to_features`` for non-torch layer classes."""
+
+    def __init__(self, visual):
+        from .modeling.vision import _level_name
+
+        self.visual = visual
+        cfg = visual.cfg
+        self.cfg = cfg
+        mods = [getattr(visual, _level_name("output", lv)) for lv in range(cfg.levels)]
+        mods += [visual.merger, *visual.deepstack_merger_list]
+        self.plain = all(type(m.linear_fc1) is torch.nn.Linear and type(m.linear_fc2) is torch.nn.Linear
+                         and type(m.norm) is torch.nn.LayerNorm for m in mods)
+        self.levels = mods[: cfg.levels]
+        self.merger = visual.merger
+        self.deep = list(visual.deepstack_merger_list)
+
+    @staticmethod
+    def _mlp(m, x):
+        n = m.norm
+        x = F.layer_norm(x.reshape(-1, n.normalized_shape[0]), n.normalized_shape, n.weight, n.bias, n.eps)
+        x = F.linear(x.reshape(-1, m.in_dim), m.linear_fc1.weight, m.linear_fc1.bias)
+        return F.linear(F.gelu(x), m.linear_fc2.weight, m.linear_fc2.bias)
+
+    def __call__(self, bits):
+        if not self.plain:
+            return self.visual.bits_to_features(bits)
+        cfg = self.cfg
+        bits = bits.reshape(-1, cfg.levels, cfg.merge_unit, cfg.bsq_dim)
+        codes = bsq.bits_to_codes(bits, cfg.bsq_dim, self.levels[0].linear_fc1.weight.dtype)
+        main, deep = None, []
+        mn = self.merger.norm
+        for lv in range(cfg.levels):
+            hs = self._mlp(self.levels[lv], codes[:, lv])
+            if lv == 0:
+                main = self._mlp(self.merger, hs)
+            else:
+                if cfg.bsq_skip_final_layernorm:
+                    hs = F.layer_norm(hs, mn.normalized_shape, mn.weight, mn.bias, mn.eps)
+                deep.append(self._mlp(self.deep[lv - 1], hs))
+        return main, deep
+
+
+class _Sampler:
+    """Per-step sampling of the fast path from logits (R, O): CFG mix, temperature, one 2-way draw per bit per
+    row as ``argmax(p / Exp(1))`` with the exponentials drawn in the reference's order (see module doc)."""
+
+    def __init__(self, R, shape, cfg, use_cfg, temperature, generator, dev, dtype):
+        self.R, self.shape, self.cfg, self.use_cfg = R, shape, cfg, use_cfg
+        self.temperature = temperature
+        self.generator = generator
+        n = R
+        for s_ in shape:
+            n *= s_
+        self.q = torch.empty(n, 2, device=dev, dtype=dtype)
+
+    def __call__(self, logits):
+        R = self.R
+        if self.use_cfg:
+            half = R // 2
+            cond, uncond = logits[:half], logits[half:]
+            logits = uncond + self.cfg * (cond - uncond)  # both halves draw from the same mixed logits
+        if self.temperature != 1.0:  # x / 1.0 == x
+            logits = logits / self.temperature
+        probs = logits.reshape(-1, 2).softmax(-1)
+        q = self.q
+        if q.dtype != probs.dtype:
+            q = self.q = torch.empty(q.shape, dtype=probs.dtype, device=probs.device)
+        q.exponential_(1, generator=self.generator)
+        if self.use_cfg:  # the mixed probabilities serve both halves (no copy)
+            ratio = probs.view(1, -1, 2) / q.view(2, -1, 2)
+        else:
+            ratio = probs / q
+        return torch.argmax(ratio, dim=-1).view(R, *self.shape)
+
+
 def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=None, logits_out=None):
     c = _Common(model, prefix, cfg, temperature, generator, callback, logits_out)
     R, L, _ = prefix.embeds.shape
@@ -102,8 +343,14 @@ def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=Non
     tc = model.cfg.text
     dev, dt = c.device, c.dtype
     total = L + N
+    static = bool(FAST_OPTIONS.get("cuda_graph")) and dev.type == "cuda"
+    alloc = torch.zeros if static else torch.empty  # static steps attend over the whole (zeroed) capacity
     llm_cache = KVCache(tc.num_hidden_layers, R, tc.num_key_value_heads, tc.head_dim, total, dev, dt)
     stack_cache = KVCache(len(c.stack), R, tc.num_key_value_heads, tc.head_dim, total, dev, dt)
+    if static:
+        for cache in (llm_cache, stack_cache):
+            cache.k = [alloc(t.shape, device=dev, dtype=dt) for t in cache.k]
+            cache.v = [alloc(t.shape, device=dev, dtype=dt) for t in cache.v]
     key_valid = torch.cat([prefix.mask.to(dev), torch.ones(R, N, dtype=torch.bool, device=dev)], dim=1)
     key_mask = additive_mask(key_valid[:, None, None, :], dt)  # (R, 1, 1, L + N)
     causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
@@ -118,22 +365,110 @@ def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=Non
     stack_cache.length = L
     logits = c.logits(s[:, -1])
 
+    # Rotary tables of every generated position at once (elementwise, so bitwise equal to per-step tables).
+    cos_all, sin_all = model.rope(positions[:, :, L:], dt)  # (R, N, D)
+    sin_all = _signed_sin(sin_all)
+    gpu = dev.type == "cuda"
+    llm = _Steps(c.lm.layers, llm_cache, grouped=gpu)
+    stack = _Steps(c.stack, stack_cache, STACK_MIN_ROWS if dev.type == "cpu" else 0, grouped=gpu)
+    sampler = _Sampler(R, c.shape, cfg, c.use_cfg, temperature, generator, dev, logits.dtype)
+    features = _Features(c.visual)
+    head = c.head
+
+    def network(bits, cos_i, sin_i, pos, mask, static_mode=False):
+        main, deep = features(bits)
+        x = main.view(R, 1, -1).to(dt)
+        h = llm.step(x, cos_i, sin_i, pos, mask, deep, static_mode)
+        s = stack.step(h, cos_i, sin_i, pos, mask, None, static_mode)
+        return head(s[:, -1])
+
+    graph = _GraphStep(network, R, c.shape, L, N, key_mask, cos_all, sin_all, dev) if static and N > 1 else None
+
     out = torch.empty(R, N, *c.shape, dtype=torch.int64, device=dev)
-    for i in range(N):
-        bits = mix_and_sample(logits, cfg, c.use_cfg, temperature, c.shape, generator, reference=False)
-        out[:, i] = bits
-        if i + 1 < N:
-            x, deep = c.features(bits)
-            p = positions[:, :, L + i : L + i + 1]
-            cos, sin = model.rope(p, dt)
-            m = key_mask[:, :, :, : L + i + 1]
-            h = run_layers(c.lm.layers, x, cos, sin, m, llm_cache, c.backend, deep, None)
-            llm_cache.length += 1
-            s = run_layers(c.stack, h, cos, sin, m, stack_cache, c.backend)
-            stack_cache.length += 1
-            logits = c.logits(s[:, -1])
-        c.step_done(i, N)
+    threads = _loop_threads(model, dev)
+    saved = torch.get_num_threads()
+    if threads is not None and threads != saved:
+        torch.set_num_threads(threads)
+    try:
+        for i in range(N):
+            bits = sampler(logits)
+            out[:, i] = bits
+            if i + 1 < N:
+                if graph is not None:
+                    logits = graph(bits, i)
+                else:
+                    logits = network(bits, cos_all[:, i : i + 1], sin_all[:, i : i + 1], L + i,
+                                     key_mask[:, :, :, : L + i + 1])
+                if logits_out is not None:
+                    logits_out.append(logits.detach().float().cpu())
+            c.step_done(i, N)
+    finally:
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
     return out
+
+
+def step_weight_bytes(model) -> int:
+    """Bytes of the weights one AR step reads (LLM layers, stack, vistok head)."""
+    mods = [model.language_model.layers, model.visual_decoder, model.output_layer_vistok]
+    return sum(p.numel() * p.element_size() for m in mods for p in m.parameters())
+
+
+def _loop_threads(model, dev):
+    opt = FAST_OPTIONS.get("cpu_threads", "auto")
+    if dev.type != "cpu" or opt is None:
+        return None
+    if opt == "auto":
+        return 1 if step_weight_bytes(model) < CPU_SMALL_STEP_BYTES else None
+    return max(1, int(opt))
+
+
+class _GraphStep:
+    """The per-step network captured in a CUDA graph (static shapes: attention over the whole cache capacity
+    with future positions masked; the write position, rotary rows and mask row live in device buffers)."""
+
+    def __init__(self, network, R, shape, L, N, key_mask, cos_all, sin_all, dev):
+        self.L = L
+        self.cos_all, self.sin_all = cos_all, sin_all
+        total = L + N
+        self.key_mask = key_mask  # (R, 1, 1, total)
+        self.future = torch.full((total,), torch.finfo(key_mask.dtype).min, dtype=key_mask.dtype, device=dev)
+        self.bits = torch.zeros(R, *shape, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.cos = torch.empty_like(cos_all[:, :1])
+        self.sin = torch.empty_like(sin_all[:, :1])
+        self.mask = key_mask.clone()
+        self.network = network
+        self.graph = None
+        self.out = None
+
+    def _set(self, bits, i):
+        p = self.L + i
+        self.bits.copy_(bits)
+        self.pos.fill_(p)
+        self.cos.copy_(self.cos_all[:, i : i + 1])
+        self.sin.copy_(self.sin_all[:, i : i + 1])
+        m = self.key_mask.clone()
+        m[..., p + 1 :] = self.future[p + 1 :]
+        self.mask.copy_(m)
+
+    def _run(self):
+        return self.network(self.bits, self.cos, self.sin, self.pos, self.mask, static_mode=True)
+
+    def __call__(self, bits, i):
+        self._set(bits, i)
+        if self.graph is None:
+            # warm up on a side stream (allocator / cuBLAS workspaces), then capture
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self._run()
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._run()
+        self.graph.replay()
+        return self.out
 
 
 def sample_reference(model, prefix: Prefix, cfg, temperature, generator, callback=None, logits_out=None):

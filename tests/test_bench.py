@@ -1,0 +1,75 @@
+"""The benchmark script runs at tiny size and prints the documented JSON (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_KEYS = {"mode", "steps", "ms_per_step_first32", "ms_per_step_last32", "seconds_per_image", "peak_rss_mb"}
+
+
+def _run(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "uniar_backend.bench", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def test_bench_json_schema_tiny():
+    out = _run("--tiny", "--steps", "8", "--repeats", "1", "--json")
+    lines = [json.loads(l) for l in out.splitlines() if l.strip()]
+    runs, summary = lines[:-1], lines[-1]
+    assert sorted(r["mode"] for r in runs) == ["fast", "reference"]
+    for r in runs:
+        assert RUN_KEYS <= set(r)
+        assert r["steps"] == 8
+        for k in RUN_KEYS - {"mode", "steps"}:
+            assert isinstance(r[k], (int, float)) and r[k] >= 0
+    assert summary["summary"] is True
+    assert summary["steps"] == 8
+    assert isinstance(summary["ratio"], (int, float)) and summary["ratio"] > 0
+    assert summary["tokens_identical"] is True
+
+
+def test_bench_text_output_two_repeats():
+    out = _run("--tiny", "--steps", "6", "--repeats", "2")
+    assert "ratio reference/fast" in out and "tokens identical: True" in out
+    assert out.count("fast      repeat") == 2 and out.count("reference repeat") == 2
+
+
+def test_bench_in_process_helpers():
+    from uniar_backend import bench
+
+    a = bench.parse_args(["--steps", "12"])
+    assert a.steps == 12 and a.repeats == 3 and a.device == "cpu" and not a.json
+    assert bench.window_ms([0.5, 0.6, 0.7, 0.8, 0.9], True) == pytest.approx(100.0)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "0"])
+
+
+def test_real_size_refuses_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from uniar_backend import bench
+
+    assert bench.main(["--real-size"]) == 2
+
+
+def test_real_size_phases_shrunk_on_cpu():
+    """--real-size at reduced size (hidden --shrink) on the CPU: every phase runs and reports its numbers."""
+    out = _run("--real-size", "--shrink", "32", "--device", "cpu", "--ar-steps", "4", "--ref-steps", "2",
+               "--decode-steps", "2", "--json")
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["real_size"] is True and res["shrink"] == 32
+    for k in ("copy_bandwidth_gbs", "matmul_tflops", "ar_floor_ms", "dit_ms_per_step", "dit_tflop_per_step",
+              "dit_peak_mb", "vae_ms", "end_to_end_seconds"):
+        assert k in res
+    assert set(res["ar"]) == {"fast", "reference"}
+    assert res["ar"]["fast"]["steps"] == 4 and res["ar"]["reference"]["steps"] == 2
