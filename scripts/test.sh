@@ -25,12 +25,14 @@ echo "== test suite (transformers $("$PY" -c 'import transformers; print(transfo
 "$PY" -m pytest -q
 
 if [ "${UNIAR_SKIP_TF457:-0}" != "1" ]; then
-    # transformers 4.57 + the tokenizers / huggingface_hub it needs, overlaid on the same environment.
+    # transformers 4.57 + the tokenizers / huggingface_hub it needs, overlaid on the same environment, with the
+    # diffusers of that era (0.37, the version the goldens were made with; newer diffusers need huggingface_hub 1.x).
     OVERLAY="$VENV/tf457-overlay"
     if [ ! -d "$OVERLAY/transformers" ]; then
-        "$PY" -m pip install -q --no-deps --target "$OVERLAY" "transformers==4.57.*" "tokenizers>=0.22,<0.23" "huggingface_hub>=0.34,<1.0"
+        "$PY" -m pip install -q --no-deps --target "$OVERLAY" "transformers==4.57.*" "tokenizers>=0.22,<0.23" \
+            "huggingface_hub>=0.34,<1.0" "diffusers==0.37.*"
     fi
-    echo "== test suite again with transformers $(PYTHONPATH="$OVERLAY" "$PY" -c 'import transformers; print(transformers.__version__)')"
+    echo "== test suite again with transformers $(PYTHONPATH="$OVERLAY" "$PY" -c 'import transformers, diffusers; print(transformers.__version__, "/ diffusers", diffusers.__version__)')"
     # the tests that exercise transformers (tokenizer, chat template, the decoder's text encoders)
     PYTHONPATH="$OVERLAY" "$PY" -m pytest -q -m "not slow" tests/test_ar_parity.py tests/test_cli.py \
         tests/test_bad_inputs.py tests/test_loader.py tests/test_decoder.py
