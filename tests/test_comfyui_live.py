@@ -202,7 +202,8 @@ def test_cancel_mid_generation_then_next_run_works(server):
     wf = load_api_workflow("text_to_image")
     big = copy.deepcopy(wf)
     g = big["2"]["inputs"]
-    g.update(width=512, height=512, seed=31337)  # 256 AR steps: long enough on CPU to cancel in the middle
+    # 4096 AR steps: several seconds even for the tiny model with the fast sampler, so the cancel lands mid-run
+    g.update(width=2048, height=2048, seed=31337)
     big["3"]["inputs"]["steps"] = 1
     code, resp = server.queue(big)
     assert code == 200, resp
@@ -214,7 +215,7 @@ def test_cancel_mid_generation_then_next_run_works(server):
         if any(item[1] == pid for item in q.get("queue_running", [])):
             break
         time.sleep(0.1)
-    time.sleep(1.5)
+    time.sleep(0.5)
     server.post("/interrupt", {})
     entry = server.wait(pid, timeout=300)
     events = [ev for ev, _ in entry["status"]["messages"]]
