@@ -135,3 +135,16 @@ def test_compute_device_override():
     # compute_device decides the attention backend (checked against the device the model will run on)
     m2 = ck.load_ar(components=("vision",), device="cpu", compute_device="cpu", attention="auto")
     assert m2.attention == "sdpa"
+
+
+def test_chat_template_json_layout(tmp_path):
+    """Some Qwen-VL releases ship the template as chat_template.json: same prompt, same answer."""
+    from test_bad_inputs import copy_ckpt
+
+    folder = copy_ckpt(tmp_path, skip=("chat_template.jinja",))
+    tpl = open(ckpt_path("uniar-tiny-bsq64") + "/chat_template.jinja", encoding="utf-8").read()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": tpl}))
+    ck = Checkpoint(folder)
+    m = ck.load_ar(components=("llm", "lm_head", "vision"), device="cpu", dtype="float32")
+    assert api.caption(m, ck, "What is in this image?", image=load_image(TEST_IMAGE), max_new_tokens=16) == \
+        [" wasscri wind systemDeDeDeDeDeDeDeDeDeDeDeDe"]

@@ -51,11 +51,7 @@ def chat_prompt(ckpt, question: str, image_tokens: int) -> str:
     with ``<|image_pad|>`` already expanded."""
     tok = ckpt.tokenizer
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    template = None
-    tpl_path = ckpt.file("chat_template.jinja")
-    if os.path.isfile(tpl_path):
-        with open(tpl_path, encoding="utf-8") as f:
-            template = f.read()
+    template = _chat_template(ckpt)
     try:
         text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
     except Exception as e:
@@ -63,6 +59,25 @@ def chat_prompt(ckpt, question: str, image_tokens: int) -> str:
     if text.count("<|image_pad|>") != 1:
         raise CheckpointError(f"{ckpt.path}: the chat template did not place exactly one image")
     return text.replace("<|image_pad|>", "<|image_pad|>" * image_tokens)
+
+
+def _chat_template(ckpt) -> str | None:
+    """``chat_template.jinja`` (transformers >= 4.43 layout), else a processor ``chat_template.json``, else None
+    (the tokenizer's own ``chat_template`` from tokenizer_config.json is then used)."""
+    import json
+
+    path = ckpt.file("chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    path = ckpt.file("chat_template.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)["chat_template"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: not a valid chat template file ({e})") from None
+    return None
 
 
 def tokenize_left_padded(tok, texts: list[str], pad_id: int):
