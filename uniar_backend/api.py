@@ -77,11 +77,6 @@ def _as_image_list(images) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- encoding
-def _features_from_bits(model, bits):
-    main, deep = model.visual.bits_to_features(bits.to(model.device))
-    return main, deep
-
-
 @torch.inference_mode()
 def encode_image(model, ckpt, image) -> VisualTokens:
     """Image(s) -> visual tokens, through the Qwen3-VL fast-processor path (what understanding uses).

@@ -150,7 +150,6 @@ def load_module_weights(
     key_map: Callable[[str], str],
     dtype: torch.dtype,
     device: torch.device | str,
-    ignore_ckpt_keys: Callable[[str], bool] = lambda k: False,
     what: str = "model",
     preloaded: dict[str, torch.Tensor] | None = None,
 ) -> None:

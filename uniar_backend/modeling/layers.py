@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import torch
@@ -106,16 +105,3 @@ def attention(q, k, v, mask, backend: str, scale: float, causal: bool = False):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                              is_causal=(mask is None and causal and t > 1 and t == k.shape[2]))
     return out.transpose(1, 2).reshape(b, t, h * d)
-
-
-def gelu_tanh(x):
-    return F.gelu(x, approximate="tanh")
-
-
-def init_empty(module: nn.Module):
-    """Nothing: modules are built on the meta device and filled from the checkpoint."""
-    return module
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
