@@ -10,14 +10,16 @@ from __future__ import annotations
 import math
 import os
 
-TOKEN_PIXELS = 32  # one merged visual token covers 32 x 32 pixels
-MIN_SIDE, MAX_SIDE = 32, 4096  # the backend accepts multiples of 32 up to 4096 per side
-MAX_SEED = 2**64 - 1
+from ..uniar_backend import limits
+from ..uniar_backend.errors import InputError
+from ..uniar_backend.limits import MAX_SEED, MAX_SIDE, TOKEN_PIXELS  # noqa: F401  (used by the node schemas)
+
+MIN_SIDE = TOKEN_PIXELS
 MAX_BATCH = 64
 
 HUB_REPOS = ("ShareLab-SII/UniAR-SFT", "ShareLab-SII/UniAR-RL")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+DTYPES = limits.DTYPE_CHOICES
+ATTENTIONS = limits.ATTENTION_CHOICES
 
 ASPECT_CUSTOM = "custom (width x height)"
 ASPECT_MATCH = "match edit input"
@@ -122,14 +124,18 @@ def round_to_tokens(v: float) -> int:
     return int(min(MAX_SIDE, max(MIN_SIDE, round(v / TOKEN_PIXELS) * TOKEN_PIXELS)))
 
 
+def _message(check, *args) -> str | None:
+    """The backend's own argument check, as ``validate_inputs`` wants it: an error message, or None."""
+    try:
+        check(*args)
+    except InputError as e:
+        return str(e)
+    return None
+
+
 def check_side(name: str, v) -> str | None:
     """An error message if ``v`` is not a usable AR side length, else None."""
-    if not isinstance(v, int) or isinstance(v, bool):
-        return f"{name} must be an integer, got {v!r}"
-    if v < MIN_SIDE or v > MAX_SIDE or v % TOKEN_PIXELS:
-        return (f"{name}={v} must be a multiple of {TOKEN_PIXELS} between {MIN_SIDE} and {MAX_SIDE} "
-                f"(e.g. {round_to_tokens(v)}): UniAR draws images in 32x32-pixel tokens")
-    return None
+    return _message(limits.check_side, name, v)
 
 
 def resolve_size(aspect: str, width: int, height: int, match: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -171,13 +177,7 @@ def pair_batch(batch_size: int, n_edit: int | None) -> int:
 
 
 def check_sampling(cfg: float, temperature: float, seed: int) -> str | None:
-    if not (math.isfinite(cfg) and 0 <= cfg <= 100):
-        return f"cfg must be in 0..100, got {cfg}"
-    if not (math.isfinite(temperature) and 0 < temperature <= 100):
-        return f"temperature must be in (0, 100], got {temperature}"
-    if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
-        return f"seed must be an integer in 0..2**64-1, got {seed!r}"
-    return None
+    return _message(limits.check_sampling, cfg, temperature, seed)
 
 
 # --------------------------------------------------------------------------------------------- tokens on disk

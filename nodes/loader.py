@@ -33,6 +33,14 @@ def uniar_folders() -> list[str]:
         return []
 
 
+def _runtime_inputs() -> list:
+    """The dtype / attention inputs both loader nodes share."""
+    return [
+        io.Combo.Input("dtype", options=list(common.DTYPES), default="auto", tooltip=DTYPE_TIP),
+        advanced(io.Combo.Input, "attention", options=list(common.ATTENTIONS), default="auto", tooltip=ATTENTION_TIP),
+    ]
+
+
 def _handle(path: str, dtype: str, attention: str):
     from .model_management import UniARHandle, get_checkpoint
 
@@ -57,9 +65,7 @@ class UniARModelLoader(io.ComfyNode):
                                tooltip=("Checkpoint folder inside models/uniar (or an extra 'uniar' path). "
                                         "Download ShareLab-SII/UniAR-SFT or UniAR-RL from Hugging Face into "
                                         "models/uniar/<name>, or use the 'UniAR Download Model' node.")),
-                io.Combo.Input("dtype", options=list(common.DTYPES), default="auto", tooltip=DTYPE_TIP),
-                advanced(io.Combo.Input, "attention", options=list(common.ATTENTIONS), default="auto",
-                         tooltip=ATTENTION_TIP),
+                *_runtime_inputs(),
             ],
             outputs=[UniARModel.Output(display_name="model", tooltip=MODEL_OUT_TIP)],
         )
@@ -96,9 +102,7 @@ class UniARDownloadModel(io.ComfyNode):
                 io.Combo.Input("repo_id", options=list(common.HUB_REPOS), default=common.HUB_REPOS[0],
                                tooltip=("Hugging Face repository. UniAR-SFT: the supervised model; UniAR-RL: "
                                         "the RL-tuned one. About 40 GB each (weights + image decoder).")),
-                io.Combo.Input("dtype", options=list(common.DTYPES), default="auto", tooltip=DTYPE_TIP),
-                advanced(io.Combo.Input, "attention", options=list(common.ATTENTIONS), default="auto",
-                         tooltip=ATTENTION_TIP),
+                *_runtime_inputs(),
             ],
             outputs=[UniARModel.Output(display_name="model", tooltip=MODEL_OUT_TIP)],
         )

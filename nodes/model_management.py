@@ -187,13 +187,17 @@ _AR: dict = {}  # (path, dtype, attention) -> {"components": frozenset, "patcher
 _DEC: dict = {}  # (path, dtype, attention) -> {"patcher": ModelPatcher, "decoder": obj}
 
 
+def _resolve(handle: UniARHandle):
+    """-> (checkpoint, compute device, dtype name, cache key) of a handle."""
+    dev = load_device()
+    dtype = resolve_dtype(handle.dtype, dev)
+    return handle.checkpoint(), dev, dtype, (handle.path, dtype, handle.attention)
+
+
 def ar_model(handle: UniARHandle, components) -> tuple:
     """-> (checkpoint, UniARModel on the compute device) holding at least ``components``."""
     want = frozenset(components)
-    ckpt = handle.checkpoint()
-    dev = load_device()
-    dtype = resolve_dtype(handle.dtype, dev)
-    key = (handle.path, dtype, handle.attention)
+    ckpt, dev, dtype, key = _resolve(handle)
     with _LOCK:
         entry = _AR.get(key)
         if entry is None or not want <= entry["components"]:
@@ -224,10 +228,7 @@ def decoder_model(handle: UniARHandle):
     """-> (checkpoint, decoder) with its modules on the compute device."""
     from ..uniar_backend.decoder import load_decoder
 
-    ckpt = handle.checkpoint()
-    dev = load_device()
-    dtype = resolve_dtype(handle.dtype, dev)
-    key = (handle.path, dtype, handle.attention)
+    ckpt, dev, dtype, key = _resolve(handle)
     with _LOCK:
         entry = _DEC.get(key)
         if entry is None:

@@ -4,6 +4,7 @@ workflow files (UI templates and API copies) with those schemas."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -16,10 +17,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from comfy_stub import ROOT, stubbed_pack  # noqa: E402
 
-# the pure helpers, loaded by path (the pack's package name belongs to ComfyUI's loader)
-_spec = importlib.util.spec_from_file_location("uniar_nodes_common", os.path.join(ROOT, "nodes", "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+# the pure helpers, imported inside the pack loaded by path under a test name (the pack's real package name
+# belongs to ComfyUI's loader); outside ComfyUI the pack's __init__ registers nothing
+_spec = importlib.util.spec_from_file_location("uniar_pack_pure", os.path.join(ROOT, "__init__.py"),
+                                               submodule_search_locations=[ROOT])
+_pack = importlib.util.module_from_spec(_spec)
+sys.modules["uniar_pack_pure"] = _pack
+_spec.loader.exec_module(_pack)
+common = importlib.import_module("uniar_pack_pure.nodes.common")
 
 FIXTURES = os.path.join(os.path.dirname(ROOT), "shared", "fixtures")
 WORKFLOW_DIR = os.path.join(ROOT, "workflows")

@@ -15,10 +15,9 @@ from . import prompting
 from .errors import InputError
 from .preprocess import prepare_edit_image, processor_patches
 from .sampling import MODES, Prefix, sample
-from .tokens import PATCH_PER_TOKEN, VisualTokens
+from .limits import TOKEN_PIXELS, check_sampling, check_seed, check_size  # noqa: F401  (re-exported)
+from .tokens import VisualTokens
 
-MAX_SIDE = 4096  # pixels per side of an AR image (16384 merged tokens at 4096x4096)
-MAX_SEED = 2**64 - 1
 
 Callback = Callable[[int, int], None]
 
@@ -26,32 +25,9 @@ Callback = Callable[[int, int], None]
 # ---------------------------------------------------------------------------------------------- validation
 def _need(model, *components):
     missing = [c for c in components if c not in model.components]
-    if "vision" in components and model.visual is not None and not model.visual.has_encoder:
-        missing.append("vision")
     if missing:
         raise InputError(f"this operation needs the model component(s) {missing}; load them with "
                          f"Checkpoint.load_ar(components=...)")
-
-
-def check_size(height, width) -> None:
-    for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise InputError(f"{name} must be an integer, got {v!r}")
-        if v < PATCH_PER_TOKEN or v % PATCH_PER_TOKEN:
-            raise InputError(f"{name}={v} must be a positive multiple of {PATCH_PER_TOKEN} (e.g. "
-                             f"{max(PATCH_PER_TOKEN, round(v / PATCH_PER_TOKEN) * PATCH_PER_TOKEN)})")
-        if v > MAX_SIDE:
-            raise InputError(f"{name}={v} is too large: at most {MAX_SIDE} pixels per side "
-                             f"({(MAX_SIDE // PATCH_PER_TOKEN) ** 2} AR steps)")
-
-
-def check_sampling(cfg, temperature, seed) -> None:
-    if not (isinstance(cfg, (int, float)) and math.isfinite(cfg) and 0 <= cfg <= 100):
-        raise InputError(f"cfg must be a number in 0..100, got {cfg!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and 0 < temperature <= 100):
-        raise InputError(f"temperature must be in (0, 100], got {temperature!r}")
-    if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
-        raise InputError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
 
 
 def _seed_value(seed: int) -> int:
@@ -142,7 +118,7 @@ def build_prefix(model, ckpt, prompts: Sequence[str], height: int, width: int, c
     """Prompt rows (conditional, then unconditional when cfg > 1), left padding, mRoPE ids, embeddings."""
     mc = model.cfg
     tok = ckpt.tokenizer
-    rows, cols = height // PATCH_PER_TOKEN, width // PATCH_PER_TOKEN
+    rows, cols = height // TOKEN_PIXELS, width // TOKEN_PIXELS
     N = rows * cols
     use_cfg = cfg > 1.0
     row_prompts = list(prompts) + ([""] * len(prompts) if use_cfg else [])
@@ -259,8 +235,7 @@ def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None 
             raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
         if top_k < 0:
             raise InputError(f"top_k must be >= 0, got {top_k!r}")
-    if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
-        raise InputError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+    check_seed(seed)
     _need(model, "llm", "lm_head")
     mc = model.cfg
     items = []  # (bits, grid)
@@ -280,9 +255,8 @@ def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None 
     dev = model.device
     lm = model.language_model
     answers = []
-    total_steps = len(items) * max_new_tokens
-    done_steps = 0
-    for bits, grid in items:
+    total_steps = len(items) * max_new_tokens  # an answer that stops early at eos skips the rest of its share
+    for item, (bits, grid) in enumerate(items):
         n_img = int(bits.shape[0])
         text = prompting.chat_prompt(ckpt, question, n_img)
         ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)
@@ -306,10 +280,7 @@ def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None 
         h = run_layers(lm.layers, x, cos, sin, causal, cache, model.attention, deep, vmask)
         cache.length = L
         logits = model.lm_head(lm.norm(h[:, -1]))
-        if info is not None:
-            info.setdefault("scores", []).append(logits.float().cpu())
-            info.setdefault("input_ids", []).append(ids)
-            info.setdefault("positions", []).append(pos)
+        scores = [logits.float().cpu()] if info is not None else None
         gen = torch.Generator(device=dev)
         gen.manual_seed(_seed_value(seed))
         out_ids = []
@@ -317,9 +288,8 @@ def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None 
             nxt = _pick_token(logits, do_sample, temperature, top_k, top_p, gen)
             t = int(nxt)
             out_ids.append(t)
-            done_steps += 1
             if callback is not None:
-                callback(done_steps, total_steps)
+                callback(item * max_new_tokens + k + 1, total_steps)
             if t in eos or k + 1 == max_new_tokens:
                 break
             p = torch.full((3, 1, 1), next_pos + k, dtype=torch.long, device=dev)
@@ -327,10 +297,12 @@ def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None 
             h = run_layers(lm.layers, lm.embed_tokens(nxt.view(1, 1)), cos, sin, None, cache, model.attention)
             cache.length += 1
             logits = model.lm_head(lm.norm(h[:, -1]))
-            if info is not None:
-                info["scores"][-1] = torch.cat([info["scores"][-1], logits.float().cpu()])
-        done_steps = (len(answers) + 1) * max_new_tokens
-        if info is not None:
+            if scores is not None:
+                scores.append(logits.float().cpu())
+        if info is not None:  # what the parity tests compare with the reference
+            info.setdefault("scores", []).append(torch.cat(scores))
+            info.setdefault("input_ids", []).append(ids)
+            info.setdefault("positions", []).append(pos)
             info.setdefault("output_ids", []).append(out_ids)
         answers.append(tok.decode(out_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
     return answers

@@ -156,9 +156,8 @@ def load_module_weights(
     """Load ``files`` into ``module`` (built on the meta device): every parameter of the module must be present in
     the checkpoint (under ``key_map(module_key)``) with the right shape; checkpoint keys of components that were
     not asked for are simply not read.  Nothing is assigned until every check has passed."""
-    wanted = {}  # ckpt key -> module key
-    for name, t in list(module.state_dict(keep_vars=True).items()):
-        wanted[key_map(name)] = name
+    state = module.state_dict(keep_vars=True)
+    wanted = {key_map(name): name for name in state}  # ckpt key -> module key
     available = set(files.keys())
     missing = sorted(k for k in wanted if k not in available)
     if missing:
@@ -166,7 +165,6 @@ def load_module_weights(
             f"{files.folder}: {len(missing)} weight(s) of the {what} are missing from the checkpoint "
             f"(e.g. {', '.join(missing[:3])}); the checkpoint does not match its config.json or is incomplete"
         )
-    state = module.state_dict(keep_vars=True)
     for ck, mk in wanted.items():
         shape, _ = files.info(ck)
         if list(state[mk].shape) != shape:

@@ -8,10 +8,7 @@ import argparse
 import sys
 
 from .errors import UniARError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+from .limits import ATTENTION_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES
 
 
 def common_parser() -> argparse.ArgumentParser:
@@ -20,7 +17,7 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default: auto)")
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weights/compute dtype (default auto: float32 on CPU, bfloat16 on CUDA)")
-    g.add_argument("--attention", default="auto", choices=ATTN_CHOICES,
+    g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                    help="attention kernel (auto: flash_attention_2 when importable on CUDA, else sdpa)")
     return p
 
@@ -45,7 +42,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="sampler: fast (default) or the reference loop (same tokens, slower)")
 
 
-def run_generate(args, edit: bool = True):
+def run_generate(args, edit: bool = True, progress_label: str = "generate"):
+    """Validate, load only the components needed, generate; the model is freed when this returns."""
     from . import api
     from .errors import InputError
     from .preprocess import load_image
@@ -61,13 +59,17 @@ def run_generate(args, edit: bool = True):
     tokens_in = VisualTokens.load(edit_tokens) if edit_tokens else None
     components = ("llm", "gen_head") + (("vision",) if edit_images else ())
     ckpt, model = _load(args, components)
-    progress = _progress("generate") if sys.stderr.isatty() else None
+    progress = _progress(progress_label)
     return api.generate(model, ckpt, [args.prompt] * args.batch_size, args.height, args.width, cfg=args.cfg,
                         temperature=args.temperature, seed=args.seed, edit_images=edit_images,
                         edit_tokens=tokens_in, mode=args.mode, callback=progress)
 
 
 def _progress(label):
+    """A progress callback printing to a terminal's stderr (None when stderr is not a terminal)."""
+    if not sys.stderr.isatty():
+        return None
+
     def cb(i, n):
         sys.stderr.write(f"\r{label}: {i}/{n}")
         if i == n:

@@ -12,6 +12,8 @@ import argparse
 import gc
 import sys
 
+from .cli import _progress, add_generate_args, run_generate
+
 DEFAULTS = {"steps": 28, "guidance": 1.5, "upsampling_ratio": 1.0, "seed": 0}
 
 
@@ -48,13 +50,7 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
         "t2i", parents=[common], help="text -> image (AR tokens, then the SD3.5 decoder)",
         description="Generate visual tokens for a prompt with the AR model, free it, then decode them to PNG.")
     q.add_argument("--model", required=True, help="UniAR checkpoint folder")
-    q.add_argument("--prompt", required=True, help="text prompt")
-    q.add_argument("--height", type=int, required=True, help="AR image height, a multiple of 32")
-    q.add_argument("--width", type=int, required=True, help="AR image width, a multiple of 32")
-    q.add_argument("--cfg", type=float, default=1.5, help="AR classifier-free guidance (default 1.5)")
-    q.add_argument("--temperature", type=float, default=1.0, help="AR sampling temperature (default 1.0)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the AR sampling and of the decoder noise (default 0)")
-    q.add_argument("--batch-size", type=int, default=1, help="images per prompt (default 1)")
+    add_generate_args(q)  # the generate flags; --seed seeds the AR sampling and the decoder noise
     _add_decode_flags(q, seed=False)
     q.add_argument("--save-tokens", default=None, help="also write the generated visual tokens to this file")
     q.add_argument("--out", required=True, help="output PNG path (a batch writes OUT_00000.png ...)")
@@ -62,17 +58,6 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- handlers
-def _progress(label: str):
-    if not sys.stderr.isatty():
-        return None
-
-    def cb(done: int, total: int) -> None:
-        end = "\n" if done == total else ""
-        print(f"\r{label} {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-    return cb
-
-
 def _precheck(model_dir: str, tokens, args) -> None:
     """Everything that can be checked from config files, before any weights are read."""
     from .decoder import check_decode_args, target_size
@@ -108,66 +93,35 @@ def cmd_decode(args) -> int:
 
 
 def cmd_t2i(args) -> int:
-    import torch
-
     from .decoder import target_size
-    from .errors import InputError
-    from .loader import Checkpoint
 
-    if args.batch_size < 1 or args.batch_size > 64:
-        raise InputError(f"--batch-size must be in 1..64, got {args.batch_size}")
     _precheck(args.model, None, args)
     target_size(args.height, args.width, args.upsampling_ratio)  # fail before the AR run, not after it
-
-    from .api import generate
-
-    ckpt = Checkpoint(args.model)
-    model = ckpt.load_ar(components=("llm", "vision", "gen_head"), device=args.device, dtype=args.dtype,
-                         attention=args.attention)
-    try:
-        tokens = generate(model, ckpt, prompts=[args.prompt] * args.batch_size, height=args.height,
-                          width=args.width, cfg=args.cfg, temperature=args.temperature, seed=args.seed,
-                          callback=_progress("AR step"))
-    finally:
-        # Free the AR model before the decoder is loaded: peak memory = max(AR, decoder), not the sum.
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    # The AR model lives only inside run_generate: it is freed before the decoder is loaded, so the peak memory
+    # is max(AR, decoder), not the sum.
+    tokens = run_generate(args, edit=False, progress_label="AR step")
+    gc.collect()
+    _empty_device_cache()
     if args.save_tokens:
         tokens.save(args.save_tokens)
-    for path in _decode_and_save(ckpt.path, tokens, args, args.seed):
+    for path in _decode_and_save(args.model, tokens, args, args.seed):
         print(path)
     return 0
 
 
+def _empty_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------------------------------- standalone
-def common_parser() -> argparse.ArgumentParser:
-    """The ``--device/--dtype/--attention`` parent parser (the main CLI has its own, with the same options)."""
-    from .loader import DEVICE_CHOICES, DTYPE_CHOICES
-    from .modeling.layers import ATTENTION_CHOICES
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="auto", help=f"{' / '.join(DEVICE_CHOICES)} (default auto)")
-    common.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (default auto)")
-    common.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                        help="attention kernel (default auto)")
-    return common
-
-
 def main(argv=None) -> int:
-    from .errors import UniARError
+    """``python -m uniar_backend.cli_decode decode|t2i ...``: the same as ``python -m uniar_backend``."""
+    from .cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="python -m uniar_backend.cli_decode",
-                                     description="UniAR image decoder (decode / t2i)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub, common_parser())
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UniARError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

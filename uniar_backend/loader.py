@@ -13,8 +13,7 @@ from .errors import CheckpointError, InputError
 from .modeling.layers import resolve_attention
 from .modeling.uniar import COMPONENTS, UniARModel
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+from .limits import DEVICE_CHOICES, DTYPE_CHOICES
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

@@ -52,8 +52,10 @@ class Prefix:
     visual_mask: torch.Tensor | None = None  # (R, L) bool: positions of the edit input's image tokens
 
 
-def mix_and_sample(logits, cfg: float, use_cfg: bool, temperature: float, shape, generator, reference: bool):
-    """CFG mixing (raw logits) + temperature + per-bit 2-way sampling. Returns bits (R, levels, unit, d) int64."""
+def mix_and_sample(logits, cfg: float, use_cfg: bool, temperature: float, shape, generator):
+    """The reference's step: CFG mixing of the raw logits copied to both halves, temperature, and
+    ``torch.multinomial(p, 1)`` per bit (the fast path's equivalent is :class:`_Sampler`).
+    Returns bits (R, levels, unit, d) int64."""
     if use_cfg:
         half = logits.shape[0] // 2
         cond, uncond = logits[:half], logits[half:]
@@ -61,11 +63,7 @@ def mix_and_sample(logits, cfg: float, use_cfg: bool, temperature: float, shape,
         logits = torch.cat([mixed, mixed], dim=0)
     rows = logits.shape[0]
     probs = (logits.view(-1, *shape, 2) / temperature).flatten(0, -2).softmax(-1)
-    if reference:
-        bits = torch.multinomial(probs, num_samples=1, generator=generator)
-    else:
-        q = torch.empty_like(probs).exponential_(1, generator=generator)
-        bits = torch.argmax(probs / q, dim=-1)
+    bits = torch.multinomial(probs, num_samples=1, generator=generator)
     return bits.view(rows, *shape)
 
 
@@ -504,7 +502,7 @@ def sample_reference(model, prefix: Prefix, cfg, temperature, generator, callbac
         cos, sin = model.rope(positions[:, :, : seq.shape[1]], dt)
         s = run_layers(c.stack, seq, cos, sin, full_mask(mask2d), None, c.backend)  # whole stack, no cache
         logits = c.logits(s[:, -1])
-        bits = mix_and_sample(logits, cfg, c.use_cfg, temperature, c.shape, generator, reference=True)
+        bits = mix_and_sample(logits, cfg, c.use_cfg, temperature, c.shape, generator)
         inputs, deep = c.features(bits)  # computed at every step, the last one too (as upstream)
         generated.append(bits)
         c.step_done(i, N)

@@ -17,10 +17,10 @@ import torch
 
 from . import bsq
 from .errors import TokenError
+from .limits import TOKEN_PIXELS as PATCH_PER_TOKEN  # one merged token covers 32x32 pixels
 
 FORMAT = "uniar.visual_tokens"
 VERSION = "1"
-PATCH_PER_TOKEN = 32  # patch 16 x spatial merge 2: one merged token covers 32x32 pixels
 
 
 @dataclass

@@ -116,18 +116,24 @@ def load_transformer(root: str, device, dtype: torch.dtype, attention: str = "sd
     from .sd3 import UniARSD3Transformer, set_attention
 
     cfg = read_transformer_config(root)
-    folder = os.path.join(root, TRANSFORMER_DIR)
+    return _build_and_load(os.path.join(root, TRANSFORMER_DIR), lambda: UniARSD3Transformer.from_uniar_config(cfg),
+                           "SD3 transformer", device, dtype, lambda m: set_attention(m, attention))
+
+
+def _build_and_load(folder: str, build, what: str, device, dtype: torch.dtype, configure):
+    """Build a diffusers module on the meta device, fill it from ``folder``'s safetensors (checked, no pickle),
+    configure its attention and put it in inference mode."""
     files = WeightFiles(folder, "diffusion_pytorch_model")
     try:
         with torch.device("meta"):
-            model = UniARSD3Transformer.from_uniar_config(cfg)
+            module = build()
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder}/config.json: cannot build the SD3 transformer ({e})") from None
-    load_module_weights(model, files, lambda k: k, dtype, device, what="SD3 transformer")
-    _no_meta_left(model, folder, "SD3 transformer")
-    set_attention(model, attention)
-    model.eval().requires_grad_(False)
-    return model
+        raise CheckpointError(f"{folder}/config.json: cannot build the {what} ({e})") from None
+    load_module_weights(module, files, lambda k: k, dtype, device, what=what)
+    _no_meta_left(module, folder, what)
+    configure(module)
+    module.eval().requires_grad_(False)
+    return module
 
 
 # ---------------------------------------------------------------------------------------------- VAE
@@ -152,18 +158,8 @@ def load_vae(root: str, device, dtype: torch.dtype, attention: str = "sdpa"):
     from .sd3 import set_attention
 
     cfg = read_vae_config(root)
-    folder = os.path.join(root, VAE_DIR)
-    files = WeightFiles(folder, "diffusion_pytorch_model")
-    try:
-        with torch.device("meta"):
-            vae = AutoencoderKL.from_config(cfg)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder}/config.json: cannot build the VAE ({e})") from None
-    load_module_weights(vae, files, lambda k: k, dtype, device, what="VAE")
-    _no_meta_left(vae, folder, "VAE")
-    set_attention(vae, attention, vae=True)
-    vae.eval().requires_grad_(False)
-    return vae
+    return _build_and_load(os.path.join(root, VAE_DIR), lambda: AutoencoderKL.from_config(cfg), "VAE", device, dtype,
+                           lambda m: set_attention(m, attention, vae=True))
 
 
 # ---------------------------------------------------------------------------------------------- all parts

@@ -21,11 +21,11 @@ from typing import Callable
 import torch
 
 from ..errors import CheckpointError, InputError, TokenError
+from ..limits import check_seed
 from ..tokens import VisualTokens
 from .prompt import DEFAULT_DECODER_PROMPT, PromptEmbeddings, check_prompt, prompt_embeddings
 
 MAX_STEPS = 1000
-MAX_SEED = 2**64 - 1
 RATIO_RANGE = (1.0, 2.0)
 PIXELS_PER_PATCH = 16  # one siglip_tensor entry per 16x16 pixels of the AR image
 
@@ -60,8 +60,7 @@ def check_decode_args(steps, guidance, seed) -> None:
         raise InputError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
         raise InputError(f"guidance must be a finite number, got {guidance!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise InputError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+    check_seed(seed)
 
 
 class UniARDecoder:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 TORCH_OPS = SimpleNamespace(Linear=nn.Linear, LayerNorm=nn.LayerNorm, Conv3d=nn.Conv3d, Embedding=nn.Embedding)
 
-ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+from ..limits import ATTENTION_CHOICES
 
 
 def resolve_ops(ops=None):

@@ -1,0 +1,51 @@
+"""Value ranges, option names and argument checks shared by the library, the CLI and the ComfyUI nodes.
+
+Torch-free (importing it costs nothing), so the nodes' ``validate_inputs`` can use the very checks the library
+runs before any heavy work."""
+
+from __future__ import annotations
+
+import math
+
+from .errors import InputError
+
+TOKEN_PIXELS = 32  # patch 16 x spatial merge 2: one merged visual token covers 32x32 pixels
+MAX_SIDE = 4096  # pixels per side of an AR image (16384 merged tokens at 4096x4096)
+MAX_SEED = 2**64 - 1
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_side(name: str, v) -> None:
+    if not _is_int(v):
+        raise InputError(f"{name} must be an integer, got {v!r}")
+    if v < TOKEN_PIXELS or v % TOKEN_PIXELS:
+        raise InputError(f"{name}={v} must be a positive multiple of {TOKEN_PIXELS} (e.g. "
+                         f"{max(TOKEN_PIXELS, round(v / TOKEN_PIXELS) * TOKEN_PIXELS)})")
+    if v > MAX_SIDE:
+        raise InputError(f"{name}={v} is too large: at most {MAX_SIDE} pixels per side "
+                         f"({(MAX_SIDE // TOKEN_PIXELS) ** 2} AR steps)")
+
+
+def check_size(height, width) -> None:
+    check_side("height", height)
+    check_side("width", width)
+
+
+def check_seed(seed) -> None:
+    if not (_is_int(seed) and 0 <= seed <= MAX_SEED):
+        raise InputError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+
+
+def check_sampling(cfg, temperature, seed) -> None:
+    if not (isinstance(cfg, (int, float)) and math.isfinite(cfg) and 0 <= cfg <= 100):
+        raise InputError(f"cfg must be a number in 0..100, got {cfg!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and 0 < temperature <= 100):
+        raise InputError(f"temperature must be in (0, 100], got {temperature!r}")
+    check_seed(seed)
