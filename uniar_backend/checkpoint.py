@@ -144,6 +144,21 @@ class WeightFiles:
         return h.hexdigest()[:16]
 
 
+def build_on_meta(factory: Callable[[object], torch.nn.Module], ops=None):
+    """``factory(ops)`` built on the meta device, and the layout of its tensors.
+
+    -> ``(module, layout)``; ``layout`` maps every state-dict key the module will hold to a meta tensor of its
+    shape and dtype.  It is read from a twin built with plain ``torch.nn`` layers (``factory(None)``), not from
+    ``module.state_dict()``: a layer class may create its weights lazily (ComfyUI's ``comfy.ops`` layers under
+    dynamic VRAM keep ``weight = None`` until ``_load_from_state_dict`` hands them a tensor), so the module's own
+    state dict does not list every key it loads.  Building twice on the meta device costs no memory."""
+    with torch.device("meta"):
+        module = factory(ops)
+        twin = module if ops is None else factory(None)
+        layout = dict(twin.state_dict(keep_vars=True))
+    return module, layout
+
+
 def load_module_weights(
     module: torch.nn.Module,
     files: WeightFiles,
@@ -152,11 +167,17 @@ def load_module_weights(
     device: torch.device | str,
     what: str = "model",
     preloaded: dict[str, torch.Tensor] | None = None,
+    layout: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Load ``files`` into ``module`` (built on the meta device): every parameter of the module must be present in
+    """Load ``files`` into ``module`` (built on the meta device): every tensor of the module must be present in
     the checkpoint (under ``key_map(module_key)``) with the right shape; checkpoint keys of components that were
-    not asked for are simply not read.  Nothing is assigned until every check has passed."""
-    state = module.state_dict(keep_vars=True)
+    not asked for are simply not read.  Nothing is assigned until every check has passed.
+
+    ``layout`` (from :func:`build_on_meta`) lists the module's keys where its layer classes create weights
+    lazily; by default the module's own ``state_dict()``.  The tensors reach the module through the standard
+    ``load_state_dict(strict=True, assign=True)`` protocol, so each layer's own ``_load_from_state_dict`` takes
+    them (lazy layers included), and a tensor no layer took is an error."""
+    state = layout if layout is not None else module.state_dict(keep_vars=True)
     wanted = {key_map(name): name for name in state}  # ckpt key -> module key
     available = set(files.keys())
     missing = sorted(k for k in wanted if k not in available)
@@ -193,3 +214,9 @@ def load_module_weights(
             new_state[mk] = t.to(device=device, dtype=tdtype)
         del tensors
     module.load_state_dict(new_state, strict=True, assign=True)
+    loaded = module.state_dict(keep_vars=True)
+    left = [k for k in state if k not in loaded]
+    left += [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{files.folder}: the {what} kept {len(left)} tensor(s) without weights after loading "
+                              f"(e.g. {', '.join(left[:3])}); its layer classes did not take the checkpoint tensors")

@@ -7,7 +7,7 @@ from functools import cached_property
 
 import torch
 
-from .checkpoint import WeightFiles, load_module_weights
+from .checkpoint import WeightFiles, build_on_meta, load_module_weights
 from .config import UniARConfig, read_json
 from .errors import CheckpointError, InputError
 from .modeling.layers import resolve_attention
@@ -148,10 +148,10 @@ class Checkpoint:
         files = self.weights
         if "gen_head" in components:
             self._check_head_variant(files)
-        with torch.device("meta"):
-            model = UniARModel(cfg, components, ops=ops, dtype=dt)
+        model, layout = build_on_meta(lambda o: UniARModel(cfg, components, ops=o, dtype=dt), ops)
         preloaded = dict(reuse.state_dict()) if reuse is not None else None
-        load_module_weights(model, files, model.checkpoint_key, dt, dev, what="AR model", preloaded=preloaded)
+        load_module_weights(model, files, model.checkpoint_key, dt, dev, what="AR model", preloaded=preloaded,
+                            layout=layout)
         model.attention = backend
         model.eval().requires_grad_(False)
         model.fingerprint = self.fingerprint

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from ..checkpoint import WeightFiles, load_module_weights
+from ..checkpoint import WeightFiles, build_on_meta, load_module_weights
 from ..config import VisionConfig, read_json
 from ..errors import CheckpointError
 from ..modeling.layers import resolve_ops
@@ -56,12 +56,6 @@ def _require_dir(root: str, rel: str, what: str) -> str:
     return path
 
 
-def _no_meta_left(module: torch.nn.Module, folder: str, what: str) -> None:
-    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
-    if left:
-        raise CheckpointError(f"{folder}: the {what} has tensors the checkpoint does not provide ({left[:3]})")
-
-
 # ---------------------------------------------------------------------------------------------- BSQ
 def read_bsq_config(root: str) -> VisionConfig:
     folder = _require_dir(root, BSQ_DIR, "BSQ output projections")
@@ -80,14 +74,13 @@ def load_bsq_projections(root: str, device, dtype: torch.dtype, ops=None) -> tup
     cfg = read_bsq_config(root)
     folder = os.path.join(root, BSQ_DIR)
     files = WeightFiles(folder, "model")
-    with torch.device("meta"):
-        proj = BSQOutputProjections(cfg, resolve_ops(ops))
-    # Only the keys of this module are read (load_module_weights reads exactly the module's state_dict keys).
+    proj, layout = build_on_meta(lambda o: BSQOutputProjections(cfg, resolve_ops(o)), ops)
+    # Only the keys of this module are read (load_module_weights reads exactly the module's layout keys).
     # Quirk: upstream always loads bsq_encoder/ in bfloat16 (load_bsq_image_tokenizer_and_transform), whatever
     # the pipeline dtype, so its weights are bf16-rounded.  We round them the same way, then compute in `dtype`
     # (upstream computes in bf16; with dtype=bfloat16 that is identical, with float32 it is the golden's setup).
-    load_module_weights(proj, files, lambda k: k, torch.bfloat16, device, what="BSQ output projections")
-    _no_meta_left(proj, folder, "BSQ output projections")
+    load_module_weights(proj, files, lambda k: k, torch.bfloat16, device, what="BSQ output projections",
+                        layout=layout)
     proj.to(dtype)
     proj.eval().requires_grad_(False)
     return proj, bsq_fingerprint(files)
@@ -130,7 +123,6 @@ def _build_and_load(folder: str, build, what: str, device, dtype: torch.dtype, c
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder}/config.json: cannot build the {what} ({e})") from None
     load_module_weights(module, files, lambda k: k, dtype, device, what=what)
-    _no_meta_left(module, folder, what)
     configure(module)
     module.eval().requires_grad_(False)
     return module
