@@ -1,28 +1,33 @@
 """Glue between the UniAR backend and ComfyUI's model management.
 
 ``UniARHandle`` is what travels on ``UNIAR_MODEL`` sockets: a light description (checkpoint folder, dtype,
-attention).  The heavy parts are loaded on first use, only the components a node needs, and kept in a
-per-process cache wrapped in ``comfy.model_patcher.ModelPatcher``:
+attention) plus the slot of parts loaded for it.  The heavy parts are loaded on first use, only the components
+a node needs, and wrapped in the patcher ComfyUI uses for its own models (``CoreModelPatcher``: the dynamic-VRAM
+``ModelPatcherDynamic`` where ComfyUI runs with it, else ``ModelPatcher``):
 
-* the AR model (``Checkpoint.load_ar``): one ``UniARModel`` per (checkpoint, dtype, attention) holding the
-  union of the components asked for so far (caption: llm + lm_head (+ vision); generate: llm + gen_head
-  (+ vision for edit images); encode: vision).  A node that needs a component not loaded yet reloads the model
-  with the union (the old copy is dropped first); re-running a node never re-reads the files.
+* the AR model (``Checkpoint.load_ar``): one ``UniARModel`` per slot holding the union of the components asked
+  for so far (caption: llm + lm_head (+ vision); generate: llm + gen_head (+ vision for edit images); encode:
+  vision).  A node that needs a component not loaded yet takes the loaded tensors over and reads only the new
+  component's weights; re-running a node never re-reads the files.
 * the image decoder (``load_decoder``): SD3 transformer + VAE + BSQ projection in one patcher; it never loads
   the LLM, and captioning never loads it.
 
-Weights are read onto ComfyUI's offload device and built from ``comfy.ops`` layers;
+Weights are read onto ComfyUI's offload device into ``comfy.ops`` layers (lazily created weights of dynamic VRAM
+included: the loader hands every tensor to the layer's own ``_load_from_state_dict``);
 ``comfy.model_management.load_models_gpu`` brings them onto the compute device before every use, so ComfyUI
-can evict them when other models need the memory (and stream them in low-VRAM mode) and reload them without
-touching the files.  Devices come from model management (``--cpu``, ``--lowvram``, ``--gpu-only`` respected).
+streams them, evicts them when other models need the memory and reloads them without touching the files.
+The slot lives as long as a handle names it (the node outputs ComfyUI caches), like ComfyUI's own models.
+Devices come from model management (``--cpu``, ``--lowvram``, ``--gpu-only`` respected).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,18 +41,59 @@ _LOCK = threading.RLock()
 
 
 # --------------------------------------------------------------------------------------------- the handle
+class _Slot:
+    """The loaded parts of one (checkpoint, dtype, attention): ``ar`` and ``dec`` entries (a patcher each).
+
+    Owned by the handles that name it, the way core ComfyUI's models are owned by the node outputs that hold
+    them: when ComfyUI drops those outputs ("Free model and node cache", ``POST /free`` with ``free_memory``,
+    or a loader re-run with other inputs), the slot and the host copies of its weights go with them."""
+
+    def __init__(self):
+        self.ar: dict | None = None
+        self.dec: dict | None = None
+
+    def __copy__(self):  # a copied handle names the same loaded parts
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def release(self) -> None:
+        for name in ("ar", "dec"):
+            entry = getattr(self, name)
+            setattr(self, name, None)
+            if entry is not None:
+                _release(entry["patcher"])
+
+
+_SLOTS: "weakref.WeakValueDictionary[tuple, _Slot]" = weakref.WeakValueDictionary()
+
+
+def _slot_for(key: tuple) -> _Slot:
+    with _LOCK:
+        slot = _SLOTS.get(key)
+        if slot is None:
+            slot = _Slot()
+            _SLOTS[key] = slot
+        return slot
+
+
 @dataclass(frozen=True)
 class UniARHandle:
-    """The ``UNIAR_MODEL`` value: where the checkpoint is and how to load it.  Nothing heavy inside."""
+    """The ``UNIAR_MODEL`` value: where the checkpoint is and how to load it, plus (not compared) the slot of
+    parts loaded for it.  Handles of the same (path, dtype, attention) share one slot."""
 
     path: str
     dtype: str = "auto"
     attention: str = "auto"
+    slot: _Slot = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.slot is None:
+            object.__setattr__(self, "slot", _slot_for((self.path, self.dtype, self.attention)))
 
     @property
     def name(self) -> str:
-        import os
-
         return os.path.basename(self.path.rstrip("/\\"))
 
     def checkpoint(self):
@@ -112,8 +158,8 @@ def comfy_ops():
 
 # --------------------------------------------------------------------------------------------- patchers
 class _Holder(torch.nn.Module):
-    """What a ModelPatcher wraps: the backend modules as children, plus the plain ``device`` attribute that
-    ModelPatcher reads and writes (the backend modules expose ``device`` as a read-only property)."""
+    """What a model patcher wraps: the backend modules as children, plus the plain ``device`` attribute that
+    the patchers read and write (the backend modules expose ``device`` as a property)."""
 
     def __init__(self, modules: dict, device: torch.device, dtype: torch.dtype):
         super().__init__()
@@ -134,14 +180,28 @@ class UniARImageDecoder(_Holder):
     """The SD3 image decoder: DiT + VAE + BSQ projections."""
 
 
+def patcher_class():
+    """The patcher ComfyUI uses for its own models: ``CoreModelPatcher`` where it exists (0.28+: it is
+    ``ModelPatcherDynamic`` when dynamic VRAM is on, which streams weights on demand and evicts other models only
+    as far as needed; on a CPU load device that class hands back a plain ``ModelPatcher`` itself), else the
+    ``ModelPatcher`` of older releases.  Read at call time: ComfyUI's ``main.py`` sets it at start-up."""
+    mp = comfy.model_patcher
+    return getattr(mp, "CoreModelPatcher", None) or mp.ModelPatcher
+
+
 def _patcher(kind, modules: dict, dtype: torch.dtype):
     holder = kind(modules, offload_device(), dtype)
-    return comfy.model_patcher.ModelPatcher(holder, load_device=load_device(), offload_device=offload_device())
+    return patcher_class()(holder, load_device=load_device(), offload_device=offload_device())
+
+
+def _is_dynamic(patcher) -> bool:
+    is_dynamic = getattr(patcher, "is_dynamic", None)
+    return bool(is_dynamic()) if callable(is_dynamic) else False
 
 
 def _set_compute_device(module, device: torch.device) -> None:
-    """Tell a backend module where to compute when ComfyUI leaves part of its weights on the offload device
-    (low-VRAM streaming): only possible where the backend lets ``device`` be set."""
+    """Tell a backend module where to compute when part of its weights stay on the offload device (streamed):
+    only possible where the backend lets ``device`` be set."""
     prop = getattr(type(module), "device", None)
     if isinstance(prop, property) and prop.fset is None:
         return
@@ -152,39 +212,30 @@ def _set_compute_device(module, device: torch.device) -> None:
 
 
 def _bring_up(patcher) -> None:
-    """``load_models_gpu`` + put buffers (not handled by ModelPatcher's partial load) on the compute device."""
+    """``load_models_gpu``, then tell the backend modules their compute device.
+
+    The dynamic patcher moves buffers itself.  The legacy ``ModelPatcher`` moves the modules that own parameters
+    but, in a partial (low-VRAM) load, not the buffers of parameter-free modules (the rotary tables): those are
+    moved here."""
     mm.load_models_gpu([patcher])
     dev = patcher.load_device
     holder = patcher.model
-    for mod in holder.modules():
-        for k, b in list(mod._buffers.items()):
-            if b is not None and b.device != dev:
-                mod._buffers[k] = b.to(dev)
+    if not _is_dynamic(patcher):
+        for mod in holder.modules():
+            for k, b in list(mod._buffers.items()):
+                if b is not None and b.device != dev:
+                    mod._buffers[k] = b.to(dev)
     for child in holder.children():
         _set_compute_device(child, dev)
 
 
-def _forget(patcher) -> None:
-    """Drop a patcher from ComfyUI's loaded-model list and free its memory."""
-    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
-        lm = mm.current_loaded_models[i]
-        if lm.model is patcher:
-            try:
-                lm.model_unload()
-            except Exception:  # already detached
-                pass
-            mm.current_loaded_models.pop(i)
+def _release(patcher) -> None:
+    """Put a patcher's weights back on the offload device (ComfyUI's own unload step) and drop it.  ComfyUI's
+    list of loaded models holds patchers weakly and forgets this one when it is collected."""
     try:
         patcher.detach()
-    except Exception:
-        pass
-    patcher.model = None
-    gc.collect()
-    mm.soft_empty_cache()
-
-
-_AR: dict = {}  # (path, dtype, attention) -> {"components": frozenset, "patcher": ModelPatcher}
-_DEC: dict = {}  # (path, dtype, attention) -> {"patcher": ModelPatcher, "decoder": obj}
+    except Exception as e:  # already detached, or a half-built patcher
+        log.debug("UniAR: detach failed (%s)", e)
 
 
 def _resolve(handle: UniARHandle):
@@ -198,28 +249,30 @@ def ar_model(handle: UniARHandle, components) -> tuple:
     """-> (checkpoint, UniARModel on the compute device) holding at least ``components``."""
     want = frozenset(components)
     ckpt, dev, dtype, key = _resolve(handle)
+    slot = handle.slot
     with _LOCK:
-        entry = _AR.get(key)
-        if entry is None or not want <= entry["components"]:
-            have = entry["components"] if entry else frozenset()
+        entry = slot.ar
+        if entry is None or entry["key"] != key or not want <= entry["components"]:
+            have = entry["components"] if entry is not None and entry["key"] == key else frozenset()
             union = want | have
             previous = None
             if entry is not None:
-                # Adding components: the tensors already loaded are taken over (``reuse=``), only the new
-                # components' weights are read from disk.
-                log.info("UniAR: adding %s to %s (had %s)", sorted(want - have), handle.name, sorted(have))
-                previous = entry["patcher"].model.ar
-                _forget(entry["patcher"])
-                _AR.pop(key, None)
+                slot.ar = None
+                _release(entry["patcher"])
+                if have:
+                    # Adding components: the tensors already loaded are taken over (``reuse=``), only the new
+                    # components' weights are read from disk.
+                    log.info("UniAR: adding %s to %s (had %s)", sorted(want - have), handle.name, sorted(have))
+                    previous = entry["patcher"].model.ar
+                del entry
             order = [c for c in ("llm", "vision", "lm_head", "gen_head") if c in union]
             # weights are read onto the offload device; the attention backend is chosen for the compute device
             model = ckpt.load_ar(components=order, device=offload_device(), compute_device=dev, dtype=dtype,
                                  attention=handle.attention, ops=comfy_ops(), reuse=previous)
             del previous
-            patcher = _patcher(UniARAutoregressive, {"ar": model}, model.dtype)
-            entry = {"components": frozenset(union), "patcher": patcher}
-            _AR[key] = entry
-        patcher = entry["patcher"]
+            slot.ar = {"key": key, "components": frozenset(union),
+                       "patcher": _patcher(UniARAutoregressive, {"ar": model}, model.dtype)}
+        patcher = slot.ar["patcher"]
         _bring_up(patcher)
         return ckpt, patcher.model.ar
 
@@ -229,9 +282,14 @@ def decoder_model(handle: UniARHandle):
     from ..uniar_backend.decoder import load_decoder
 
     ckpt, dev, dtype, key = _resolve(handle)
+    slot = handle.slot
     with _LOCK:
-        entry = _DEC.get(key)
-        if entry is None:
+        entry = slot.dec
+        if entry is None or entry["key"] != key:
+            if entry is not None:
+                slot.dec = None
+                _release(entry["patcher"])
+                del entry
             attention = resolve_attention(handle.attention, dev, dtype)
             dec = load_decoder(ckpt, device=offload_device(), dtype=dtype,
                                attention="sdpa" if attention == "flash_attention_2" else attention,
@@ -242,10 +300,9 @@ def decoder_model(handle: UniARHandle):
                        if isinstance(getattr(dec, name, None), torch.nn.Module)}
             first = next(iter(modules.values()))
             dt = next((p.dtype for p in first.parameters() if p.is_floating_point()), torch.float32)
-            entry = {"patcher": _patcher(UniARImageDecoder, modules, dt), "decoder": dec}
-            _DEC[key] = entry
-        _bring_up(entry["patcher"])
-        return ckpt, entry["decoder"]
+            slot.dec = {"key": key, "patcher": _patcher(UniARImageDecoder, modules, dt), "decoder": dec}
+        _bring_up(slot.dec["patcher"])
+        return ckpt, slot.dec["decoder"]
 
 
 def _set_decoder_attention(dec, attention: str) -> None:
@@ -260,12 +317,12 @@ def _set_decoder_attention(dec, attention: str) -> None:
 
 
 def unload_all() -> None:
-    """Forget every cached UniAR model (tests, or a user's 'free memory')."""
+    """Release every loaded UniAR part (tests; the handles stay valid and load again on next use)."""
     with _LOCK:
-        for cache in (_AR, _DEC):
-            for entry in cache.values():
-                _forget(entry["patcher"])
-            cache.clear()
+        for slot in list(_SLOTS.values()):
+            slot.release()
+    gc.collect()
+    mm.soft_empty_cache()
 
 
 # --------------------------------------------------------------------------------------------- progress, cancel
