@@ -1,8 +1,7 @@
 """Pure helpers of the UniAR nodes: no ComfyUI import, torch imported only inside the functions that need it.
 
 Everything here is unit-tested without ComfyUI (tests/test_nodes.py): checkpoint discovery in model folders,
-aspect-ratio presets, batch pairing of prompts and edit inputs, the bit-plane preview of visual tokens, and the
-small value checks the nodes run in ``validate_inputs``.
+aspect-ratio presets, batch pairing of prompts and edit inputs and the bit-plane preview of visual tokens.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import math
 import os
 
 from ..uniar_backend import limits
-from ..uniar_backend.errors import InputError
 from ..uniar_backend.limits import MAX_SEED, MAX_SIDE, TOKEN_PIXELS  # noqa: F401  (used by the node schemas)
 
 MIN_SIDE = TOKEN_PIXELS
@@ -124,20 +122,6 @@ def round_to_tokens(v: float) -> int:
     return int(min(MAX_SIDE, max(MIN_SIDE, round(v / TOKEN_PIXELS) * TOKEN_PIXELS)))
 
 
-def _message(check, *args) -> str | None:
-    """The backend's own argument check, as ``validate_inputs`` wants it: an error message, or None."""
-    try:
-        check(*args)
-    except InputError as e:
-        return str(e)
-    return None
-
-
-def check_side(name: str, v) -> str | None:
-    """An error message if ``v`` is not a usable AR side length, else None."""
-    return _message(limits.check_side, name, v)
-
-
 def resolve_size(aspect: str, width: int, height: int, match: tuple[int, int] | None = None) -> tuple[int, int]:
     """(width, height) of the AR image.
 
@@ -174,10 +158,6 @@ def pair_batch(batch_size: int, n_edit: int | None) -> int:
         return n_edit
     raise ValueError(f"the edit input holds {n_edit} images but batch_size is {batch_size}; "
                      f"use batch_size 1 (one output per edit image) or {n_edit}")
-
-
-def check_sampling(cfg: float, temperature: float, seed: int) -> str | None:
-    return _message(limits.check_sampling, cfg, temperature, seed)
 
 
 # --------------------------------------------------------------------------------------------- tokens on disk

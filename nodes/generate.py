@@ -109,20 +109,6 @@ class UniARGenerate(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, aspect_ratio=None, width=None, height=None, cfg=None, temperature=None, seed=None):
-        if aspect_ratio == common.ASPECT_CUSTOM:
-            for name, v in (("width", width), ("height", height)):
-                if v is not None and (msg := common.check_side(name, v)):
-                    return msg
-        else:
-            for name, v in (("width", width), ("height", height)):
-                if v is not None and not common.MIN_SIDE <= v <= common.MAX_SIDE:
-                    return f"{name}={v} must be in {common.MIN_SIDE}..{common.MAX_SIDE}"
-        if None not in (cfg, temperature, seed) and (msg := common.check_sampling(cfg, temperature, seed)):
-            return msg
-        return True
-
-    @classmethod
     def execute(cls, model, prompt, aspect_ratio, width, height, cfg, temperature, seed, batch_size,
                 edit_image=None, edit_tokens=None, mode="fast") -> io.NodeOutput:
         from ..uniar_backend import api
@@ -149,7 +135,10 @@ class UniARGenerate(io.ComfyNode):
                 w, h = common.resolve_size(aspect_ratio, int(width), int(height), match)
             except ValueError as e:
                 raise _input_error(str(e)) from None
+        # Checked here, before any weights load, rather than in validate_inputs: ComfyUI repeats a failed
+        # validate_inputs once per input it takes, and its own per-input min / max checks already cover the ranges.
         api.check_size(h, w)
+        api.check_sampling(cfg, temperature, seed)
         components = ("llm", "gen_head") + (("vision",) if edit_images is not None else ())
         ckpt, m = mgmt.ar_model(model, components)
         steps = (h // common.TOKEN_PIXELS) * (w // common.TOKEN_PIXELS)

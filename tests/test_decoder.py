@@ -429,3 +429,19 @@ def test_cli_t2i(tmp_path, cache_dir, capsys):
 def test_errors_are_uniar_errors():
     for cls in (CheckpointError, InputError, TokenError):
         assert issubclass(cls, UniARError)
+
+
+@pytest.mark.parametrize("side,ratio,msg", [(320, 2.0, "use upsampling_ratio 1.5 or less for these 320x320 tokens"),
+                                            (544, 1.0, "the tokens alone are 544x544: generate or encode at most 512")])
+def test_too_large_output_says_what_to_change(decoders, side, ratio, msg):
+    """The fix named in the message fits the case: a ratio that works, or smaller tokens when even 1.0 is too big."""
+    from uniar_backend.tokens import VisualTokens
+
+    dec = decoders["uniar-tiny"]
+    n = (side // 32) ** 2
+    bits = torch.randint(0, 2, (1, n, dec.levels, dec.merge_unit, dec.bsq_dim), generator=torch.Generator().manual_seed(0))
+    tok = VisualTokens.from_bits(bits, side, side, fingerprint=dec.fingerprint)
+    with pytest.raises(InputError, match=msg):
+        dec.check(tok, upsampling_ratio=ratio)
+    if ratio > 1:
+        assert dec.check(tok, upsampling_ratio=1.5) == (480, 480)

@@ -75,10 +75,16 @@ def test_checkpoint_completeness(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ sizes
 def test_check_side():
-    assert common.check_side("width", 512) is None
+    """The size check the Generate node runs before loading anything (the library's own)."""
+    from uniar_backend import limits
+    from uniar_backend.errors import InputError
+
+    limits.check_side("width", 512)
     for v in (0, 31, 100, 4097 + 31, True, 12.0):
-        assert common.check_side("width", v)
-    assert "e.g. 96" in common.check_side("width", 100)
+        with pytest.raises(InputError):
+            limits.check_side("width", v)
+    with pytest.raises(InputError, match="e.g. 96"):
+        limits.check_side("width", 100)
 
 
 @pytest.mark.parametrize("aspect,w,h,expected", [
@@ -118,12 +124,14 @@ def test_pair_batch():
 
 
 def test_check_sampling():
-    assert common.check_sampling(1.5, 1.0, 0) is None
-    assert common.check_sampling(1.5, 1.0, 2**64 - 1) is None
-    assert common.check_sampling(-1, 1.0, 0)
-    assert common.check_sampling(1.5, 0.0, 0)
-    assert common.check_sampling(1.5, 1.0, 2**64)
-    assert common.check_sampling(float("nan"), 1.0, 0)
+    from uniar_backend import limits
+    from uniar_backend.errors import InputError
+
+    limits.check_sampling(1.5, 1.0, 0)
+    limits.check_sampling(1.5, 1.0, 2**64 - 1)
+    for args in ((-1, 1.0, 0), (1.5, 0.0, 0), (1.5, 1.0, 2**64), (float("nan"), 1.0, 0)):
+        with pytest.raises(InputError):
+            limits.check_sampling(*args)
 
 
 # ------------------------------------------------------------------------------------------------ token files
@@ -271,14 +279,21 @@ def test_expert_knobs_and_seeds(pack):
     assert pack.schemas["UniARCaption"][1].is_output_node and pack.schemas["UniARSaveTokens"][1].is_output_node
 
 
-def test_generate_validate_inputs(pack):
-    cls = pack.schemas["UniARGenerate"][0]
-    custom = pack.common.ASPECT_CUSTOM
-    assert cls.validate_inputs(aspect_ratio=custom, width=512, height=384, cfg=1.5, temperature=1.0, seed=0) is True
-    assert "multiple of 32" in cls.validate_inputs(aspect_ratio=custom, width=500, height=384)
-    assert cls.validate_inputs(aspect_ratio="16:9", width=500, height=500) is True  # presets round the sides
-    assert "temperature" in cls.validate_inputs(aspect_ratio=custom, width=64, height=64, cfg=1.5, temperature=0.0, seed=0)
-    assert cls.validate_inputs() is True  # linked inputs are not known at validation time
+def test_validate_inputs_take_one_input_each(pack):
+    """ComfyUI reports a failed validate_inputs once per input the function takes: a check over several inputs
+    turns one bad value into several identical errors.  Every validate_inputs of the pack takes one input (the
+    Generate node checks its size and sampling values in execute, before loading anything)."""
+    import inspect
+
+    found = 0
+    for node_id, (cls, _schema) in pack.schemas.items():
+        fn = getattr(cls, "validate_inputs", None)
+        if fn is None or not node_id.startswith("UniAR"):
+            continue
+        params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        assert len(params) <= 1, f"{node_id}.validate_inputs takes {[p.name for p in params]}"
+        found += 1
+    assert found >= 2
 
 
 def _widget_inputs(schema):

@@ -147,8 +147,15 @@ class UniARDecoder:
             raise InputError("this checkpoint's DiT has super_resolution off: only upsampling_ratio 1 works")
         grid_max = tcfg.pos_embed_max_size * tcfg.patch_size * self.vae_scale
         if max(h, w) > grid_max:
+            side = max(tokens.ar_height, tokens.ar_width)
+            if side > grid_max:  # too large at any ratio: the tokens themselves must be smaller
+                fix = (f"the tokens alone are {tokens.ar_width}x{tokens.ar_height}: generate or encode at most "
+                       f"{grid_max} pixels per side")
+            else:
+                best = int(grid_max / side * 4) / 4  # the ratio input moves in steps of 0.25
+                fix = f"use upsampling_ratio {best:g} or less for these {tokens.ar_width}x{tokens.ar_height} tokens"
             raise InputError(f"output {w}x{h} exceeds the DiT's position table ({grid_max} pixels per side); "
-                             "use a smaller upsampling_ratio")
+                             f"{fix}")
         return h, w
 
     # ------------------------------------------------------------------ pieces
