@@ -270,6 +270,29 @@ def preview_bits(bits, grid: tuple[int, int], mode: str = "tiles", level: int = 
     return img.clamp(0, 1).contiguous()
 
 
+def drawn_preview(bits, grid: tuple[int, int], min_width: int = 256):
+    """The live preview of a generation: the bits of the tokens drawn so far (one row, ``[i, levels, unit, d]``)
+    as level-0 tiles in image layout, the tokens not drawn yet in grey; ``[H, W, 3]`` float, enlarged to at least
+    ``min_width`` pixels."""
+    import torch
+
+    rows, cols = grid
+    n = rows * cols
+    full = torch.full((1, n, *bits.shape[1:]), 0.5)
+    full[0, : bits.shape[0]] = bits.float().cpu()
+    img = preview_bits(full, grid, mode="tiles", level=0)
+    scale = max(1, -(-min_width // img.shape[2]))
+    if scale > 1:
+        img = img.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    return img[0]
+
+
+def preview_every(grid: tuple[int, int], updates: int = 8) -> int:
+    """Steps between live previews: whole token rows, about ``updates`` pictures per image."""
+    rows, cols = grid
+    return cols * max(1, rows // updates)
+
+
 # --------------------------------------------------------------------------------------------- text
 def join_answers(answers: list[str]) -> str:
     """One STRING for a batch of answers: the answer itself for one image, numbered paragraphs for several."""

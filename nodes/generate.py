@@ -141,8 +141,24 @@ class UniARGenerate(io.ComfyNode):
         api.check_sampling(cfg, temperature, seed)
         components = ("llm", "gen_head") + (("vision",) if edit_images is not None else ())
         ckpt, m = mgmt.ar_model(model, components)
-        steps = (h // common.TOKEN_PIXELS) * (w // common.TOKEN_PIXELS)
+        grid = (h // common.TOKEN_PIXELS, w // common.TOKEN_PIXELS)
+        progress = mgmt.progress_callback(grid[0] * grid[1])
         tokens = api.generate(m, ckpt, [prompt] * n, h, w, cfg=float(cfg), temperature=float(temperature),
                               seed=int(seed), edit_images=edit_images, edit_tokens=edit_tokens, mode=mode,
-                              callback=mgmt.progress_callback(steps))
+                              callback=progress, preview=_LivePreview(progress, grid))
         return io.NodeOutput(tokens)
+
+
+class _LivePreview:
+    """Shows the tokens drawn so far (first image of the batch) on the progress bar every few token rows."""
+
+    def __init__(self, progress, grid):
+        self.progress = progress
+        self.grid = grid
+        self.every = common.preview_every(grid)
+
+    def __call__(self, bits) -> None:
+        from PIL import Image
+
+        img = common.drawn_preview(bits[0], self.grid)
+        self.progress.show(Image.fromarray((img * 255).round().byte().numpy()))

@@ -321,3 +321,26 @@ def test_golden_cfg1_both_rows(name):
         bits = sample(m, prefix, float(meta["cfg"]), float(meta["temperature"]), meta["seed"], mode, logits_out=lo)
         assert torch.equal(bsq.bits_to_indices(bits), g["indices"]), mode
         assert (lo[0] - g["vistok_head_logits"][0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_live_preview_sees_the_bits_drawn_so_far(mode):
+    """The preview hook gets the bits drawn so far every `every` steps and at the end, and changes nothing."""
+    m = _tiny(seed=2)
+    p = make_prefix(m, 3, 4, prompt_len=10, uncond_len=6)
+    seen = []
+
+    def preview(drawn):
+        seen.append(drawn.clone())
+
+    preview.every = 4
+    plain = sample(m, p, 1.5, 1.0, 9, mode)
+    with_preview = sample(m, p, 1.5, 1.0, 9, mode, preview=preview)
+    assert torch.equal(plain, with_preview)
+    assert [s.shape[1] for s in seen] == [4, 8, 12]
+    for s in seen:
+        assert torch.equal(s, plain[:, : s.shape[1]])
+    seen.clear()
+    preview.every = 5  # not a divisor of 12: the last step still shows the whole picture
+    sample(m, p, 1.5, 1.0, 9, mode, preview=preview)
+    assert [s.shape[1] for s in seen] == [5, 10, 12]

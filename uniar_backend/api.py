@@ -164,12 +164,14 @@ def build_prefix(model, ckpt, prompts: Sequence[str], height: int, width: int, c
 def generate(model, ckpt, prompts, height: int, width: int, cfg: float = 1.5, temperature: float = 1.0,
              seed: int = 0, edit_images=None, edit_tokens: VisualTokens | None = None, mode: str = "fast",
              callback: Callback | None = None, logits_out: list | None = None,
-             info: dict | None = None) -> VisualTokens:
+             info: dict | None = None, preview=None) -> VisualTokens:
     """Generate image tokens for each prompt (text-to-image, or edit when an image / tokens are given).
 
     With ``cfg > 1`` every prompt also gets an empty-prompt row and the logits are mixed as the reference does.
     Deviation: with ``cfg <= 1`` the reference still generates (and returns) the empty-prompt rows; we compute
-    and return only the conditional rows, so such tokens differ from the reference (half the work)."""
+    and return only the conditional rows, so such tokens differ from the reference (half the work).
+
+    ``preview``: see :func:`uniar_backend.sampling.sample` (the bits drawn so far, every ``preview.every`` steps)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = [prompting.check_prompt(p) for p in prompts]
@@ -187,7 +189,8 @@ def generate(model, ckpt, prompts, height: int, width: int, cfg: float = 1.5, te
     prefix, meta = build_prefix(model, ckpt, prompts, height, width, cfg, edit)
     if info is not None:
         info.update(meta)
-    bits = sample(model, prefix, float(cfg), float(temperature), _seed_value(seed), mode, callback, logits_out)
+    bits = sample(model, prefix, float(cfg), float(temperature), _seed_value(seed), mode, callback, logits_out,
+                  preview)
     bits = bits[:B].cpu()
     return VisualTokens.from_bits(bits, height, width, fingerprint=model.fingerprint)
 

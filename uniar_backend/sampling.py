@@ -68,7 +68,8 @@ def mix_and_sample(logits, cfg: float, use_cfg: bool, temperature: float, shape,
 
 
 class _Common:
-    def __init__(self, model, prefix: Prefix, cfg: float, temperature: float, generator, callback, logits_out):
+    def __init__(self, model, prefix: Prefix, cfg: float, temperature: float, generator, callback, logits_out,
+                 preview=None):
         self.model = model
         self.lm = model.language_model
         self.stack = model.visual_decoder
@@ -82,6 +83,7 @@ class _Common:
         self.generator = generator
         self.callback = callback
         self.logits_out = logits_out
+        self.preview = preview
         v = model.cfg.vision
         self.shape = (v.levels, v.merge_unit, v.bsq_dim)
         self.dtype = prefix.embeds.dtype
@@ -98,9 +100,13 @@ class _Common:
             self.logits_out.append(out.detach().float().cpu())
         return out
 
-    def step_done(self, i, n):
+    def step_done(self, i, n, drawn):
+        """After step ``i`` of ``n``: progress callback, and every ``preview.every`` steps (and at the end)
+        ``preview(bits drawn so far)`` with ``drawn()`` -> (R, i + 1, levels, unit, d)."""
         if self.callback is not None:
             self.callback(i + 1, n)
+        if self.preview is not None and ((i + 1) % self.preview.every == 0 or i + 1 == n):
+            self.preview(drawn())
 
 
 # ---------------------------------------------------------------------------------------------- fast path
@@ -334,8 +340,8 @@ class _Sampler:
         return torch.argmax(ratio, dim=-1).view(R, *self.shape)
 
 
-def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=None, logits_out=None):
-    c = _Common(model, prefix, cfg, temperature, generator, callback, logits_out)
+def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=None, logits_out=None, preview=None):
+    c = _Common(model, prefix, cfg, temperature, generator, callback, logits_out, preview)
     R, L, _ = prefix.embeds.shape
     N = prefix.num_tokens
     tc = model.cfg.text
@@ -399,7 +405,7 @@ def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=Non
                                      key_mask[:, :, :, : L + i + 1])
                 if logits_out is not None:
                     logits_out.append(logits.detach().float().cpu())
-            c.step_done(i, N)
+            c.step_done(i, N, lambda: out[:, : i + 1])
     finally:
         if torch.get_num_threads() != saved:
             torch.set_num_threads(saved)
@@ -469,9 +475,10 @@ class _GraphStep:
         return self.out
 
 
-def sample_reference(model, prefix: Prefix, cfg, temperature, generator, callback=None, logits_out=None):
+def sample_reference(model, prefix: Prefix, cfg, temperature, generator, callback=None, logits_out=None,
+                     preview=None):
     """The reference loop, kept for tests and benchmarks (see module doc)."""
-    c = _Common(model, prefix, cfg, temperature, generator, callback, logits_out)
+    c = _Common(model, prefix, cfg, temperature, generator, callback, logits_out, preview)
     R, L, _ = prefix.embeds.shape
     N = prefix.num_tokens
     dev, dt = c.device, c.dtype
@@ -505,15 +512,19 @@ def sample_reference(model, prefix: Prefix, cfg, temperature, generator, callbac
         bits = mix_and_sample(logits, cfg, c.use_cfg, temperature, c.shape, generator)
         inputs, deep = c.features(bits)  # computed at every step, the last one too (as upstream)
         generated.append(bits)
-        c.step_done(i, N)
+        c.step_done(i, N, lambda: torch.stack(generated, dim=1))
     return torch.stack(generated, dim=1)
 
 
 def sample(model, prefix: Prefix, cfg: float, temperature: float, seed: int, mode: str = "fast",
-           callback: Callable[[int, int], None] | None = None, logits_out: list | None = None) -> torch.Tensor:
-    """Run the sampler; returns bits (R, N, levels, unit, d) int64 for all rows."""
+           callback: Callable[[int, int], None] | None = None, logits_out: list | None = None,
+           preview=None) -> torch.Tensor:
+    """Run the sampler; returns bits (R, N, levels, unit, d) int64 for all rows.
+
+    ``preview``: a callable with an int attribute ``every``, called with the bits drawn so far (a view, no copy
+    in the fast sampler) every ``every`` steps and after the last one (live previews)."""
     generator = torch.Generator(device=prefix.embeds.device)
     generator.manual_seed(seed)
     fn = sample_fast if mode == "fast" else sample_reference
     with torch.inference_mode():
-        return fn(model, prefix, cfg, temperature, generator, callback, logits_out)
+        return fn(model, prefix, cfg, temperature, generator, callback, logits_out, preview)
