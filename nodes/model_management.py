@@ -75,6 +75,8 @@ def _slot_for(key: tuple) -> _Slot:
         if slot is None:
             slot = _Slot()
             _SLOTS[key] = slot
+            weakref.finalize(slot, log.info, "UniAR: released the loaded parts of %s (dtype %s, attention %s)",
+                             os.path.basename(key[0].rstrip("/\\")), key[1], key[2])
         return slot
 
 
@@ -326,15 +328,28 @@ def unload_all() -> None:
 
 
 # --------------------------------------------------------------------------------------------- progress, cancel
-def progress_callback(total: int):
-    """A backend ``callback(step, total)``: advances a ComfyUI progress bar and aborts on cancel."""
-    pbar = comfy.utils.ProgressBar(max(1, int(total)))
+class Progress:
+    """A backend ``callback(step, total)``: advances a ComfyUI progress bar and aborts on cancel.  ``show(image)``
+    puts a PIL image on the bar (ComfyUI's live preview, as its samplers send latent previews)."""
 
-    def cb(step: int, n: int) -> None:
+    PREVIEW_SIZE = 512
+
+    def __init__(self, total: int):
+        self.total = max(1, int(total))
+        self.step = 0
+        self.pbar = comfy.utils.ProgressBar(self.total)
+
+    def __call__(self, step: int, n: int) -> None:
         mm.throw_exception_if_processing_interrupted()
-        pbar.update_absolute(int(step), max(1, int(n)))
+        self.step, self.total = int(step), max(1, int(n))
+        self.pbar.update_absolute(self.step, self.total)
 
-    return cb
+    def show(self, image) -> None:
+        self.pbar.update_absolute(self.step, self.total, ("JPEG", image, self.PREVIEW_SIZE))
+
+
+def progress_callback(total: int) -> Progress:
+    return Progress(total)
 
 
 def check_interrupt() -> None:

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Callable, Iterable
 
 import torch
 
 from .errors import CheckpointError
+
+log = logging.getLogger("UniAR")
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -178,6 +181,7 @@ def load_module_weights(
     ``load_state_dict(strict=True, assign=True)`` protocol, so each layer's own ``_load_from_state_dict`` takes
     them (lazy layers included), and a tensor no layer took is an error."""
     state = layout if layout is not None else module.state_dict(keep_vars=True)
+    lazy = len(state.keys() - module.state_dict(keep_vars=True).keys())  # weights the layers create when given
     wanted = {key_map(name): name for name in state}  # ckpt key -> module key
     available = set(files.keys())
     missing = sorted(k for k in wanted if k not in available)
@@ -220,3 +224,5 @@ def load_module_weights(
     if left:
         raise CheckpointError(f"{files.folder}: the {what} kept {len(left)} tensor(s) without weights after loading "
                               f"(e.g. {', '.join(left[:3])}); its layer classes did not take the checkpoint tensors")
+    if lazy:
+        log.info("UniAR: %s: %d tensors loaded, %d of them into lazily created layers", what, len(state), lazy)
