@@ -17,6 +17,9 @@ except ImportError:  # imported outside ComfyUI (tests, tools): nothing to regis
 if _folder_paths is not None:
     _folder_paths.add_model_folder_path("uniar", os.path.join(_folder_paths.models_dir, "uniar"))
 
+# The frontend extension: the Caption / VQA node shows its answer on itself (web/uniar.js).
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     from .nodes.extension import UniARExtension

@@ -9,7 +9,8 @@ starts the server (CPU, temporary base/input/output folders, the fixtures under 
 its URL and keeps it running until Ctrl-C.
 
 Environment: ``COMFYUI_PATH`` (a ComfyUI source tree, required), ``COMFYUI_PYTHON`` (an interpreter with
-ComfyUI's requirements and this pack's; default: the current one), ``UNIAR_SHARED`` (default ``<repo>/../shared``).
+ComfyUI's requirements and this pack's; default: the current one), ``UNIAR_SHARED`` (default ``<repo>/../shared``),
+``COMFYUI_FRONTEND_ROOT`` (optional: another frontend's ``static`` folder, passed as ``--front-end-root``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ TEST_IMAGE = os.path.join(FIXTURES, "golden", "test_image.png")
 FIXTURE_CKPTS = ("uniar-tiny", "uniar-tiny-bsq64")
 API_DIR = os.path.join(ROOT, "tests", "comfy_api")
 INPUT_IMAGE_NAME = "uniar_test.png"  # the LoadImage file the API workflows use
-PACK_DIR_NAME = "uniar_pack"
+# A custom-node file that makes a CPU run build comfy.ops layers the way dynamic VRAM does (lazy weights).
+SIM_DYNAMIC_VRAM = os.path.join(SHARED, "tools", "sim_dynamic_vram.py")
+PACK_DIR_NAME = "uniar-nodes"  # the folder name a git clone or the registry gives the pack
 
 
 def free_port() -> int:
@@ -47,7 +50,7 @@ class ComfyServer:
     """A ComfyUI process on 127.0.0.1 with a temporary base directory."""
 
     def __init__(self, comfy_path: str, python: str | None = None, port: int | None = None, base: str | None = None,
-                 extra_args=()):
+                 extra_args=(), extra_custom_nodes=()):
         self.comfy_path = os.path.abspath(comfy_path)
         self.python = python or sys.executable
         self.port = port or free_port()
@@ -55,6 +58,7 @@ class ComfyServer:
         self._own_base = base is None
         self.base = base or tempfile.mkdtemp(prefix="uniar-comfy-")
         self.extra_args = list(extra_args)
+        self.extra_custom_nodes = list(extra_custom_nodes)  # single-file custom nodes copied beside the pack
         self.proc = None
         self.log_path = os.path.join(self.base, "comfyui.log")
 
@@ -71,15 +75,19 @@ class ComfyServer:
             if not os.path.lexists(dst):
                 os.symlink(os.path.join(FIXTURES, name), dst, target_is_directory=True)
         shutil.copyfile(TEST_IMAGE, os.path.join(b, "input", INPUT_IMAGE_NAME))
+        for f in self.extra_custom_nodes:
+            shutil.copyfile(f, os.path.join(b, "custom_nodes", "zz_" + os.path.basename(f)))
         with open(os.path.join(b, "extra_model_paths.yaml"), "w", encoding="utf-8") as f:
             f.write(f"uniar_fixtures:\n  uniar: {os.path.join(b, 'uniar_models')}\n")
 
     def command(self) -> list[str]:
         b = self.base
+        fe = os.environ.get("COMFYUI_FRONTEND_ROOT")
         return [self.python, os.path.join(self.comfy_path, "main.py"), "--cpu", "--listen", "127.0.0.1",
                 "--port", str(self.port), "--base-directory", b,
                 "--extra-model-paths-config", os.path.join(b, "extra_model_paths.yaml"),
-                "--database-url", "sqlite:///:memory:", "--disable-auto-launch", *self.extra_args]
+                "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
+                *(["--front-end-root", fe] if fe else []), *self.extra_args]
 
     # ------------------------------------------------------------------ process
     def start(self, timeout: float = 180) -> "ComfyServer":
@@ -210,6 +218,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="start ComfyUI with the UniAR pack and the fixture checkpoints")
     p.add_argument("--port", type=int, default=8188)
     p.add_argument("--base", help="base directory (default: a temporary one, removed on exit)")
+    p.add_argument("--sim-dynamic-vram", action="store_true",
+                   help="build comfy.ops layers the way dynamic VRAM does (lazy weights), without a GPU")
     a = p.parse_args(argv)
     comfy = os.environ.get("COMFYUI_PATH")
     if not comfy:
@@ -226,7 +236,8 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    srv = ComfyServer(comfy, os.environ.get("COMFYUI_PYTHON"), a.port, a.base)
+    srv = ComfyServer(comfy, os.environ.get("COMFYUI_PYTHON"), a.port, a.base,
+                      extra_custom_nodes=[SIM_DYNAMIC_VRAM] if a.sim_dynamic_vram else [])
     try:
         srv.start()
         print(f"ComfyUI with UniAR at {srv.url} (base {srv.base}, log {srv.log_path}); Ctrl-C stops it", flush=True)

@@ -27,9 +27,15 @@ _spec.loader.exec_module(_pack)
 common = importlib.import_module("uniar_pack_pure.nodes.common")
 
 FIXTURES = os.path.join(os.path.dirname(ROOT), "shared", "fixtures")
-WORKFLOW_DIR = os.path.join(ROOT, "workflows")
+WORKFLOW_DIR = os.path.join(ROOT, "example_workflows")
 API_DIR = os.path.join(ROOT, "tests", "comfy_api")
 UI_WORKFLOWS = sorted(f for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json")) if os.path.isdir(WORKFLOW_DIR) else []
+
+
+def template_slug(name: str) -> str:
+    """'UniAR - Text to image.json' (the title the Templates browser shows) -> 'uniar_text_to_image' (docs/)."""
+    prefix, title = name[: -len(".json")].split(" - ", 1)
+    return f"{prefix.lower()}_{title.lower().replace(' ', '_')}"
 API_WORKFLOWS = sorted(f for f in os.listdir(API_DIR) if f.endswith(".json")) if os.path.isdir(API_DIR) else []
 CORE_NODES = {"LoadImage", "SaveImage", "PreviewImage", "MarkdownNote", "Note"}
 NODE_IDS = ["UniARModelLoader", "UniARDownloadModel", "UniAREncodeImage", "UniARGenerate", "UniARDecode",
@@ -344,9 +350,10 @@ def test_ui_workflow_matches_nodes(pack, name):
                 assert socket_names.get(i.id, {}).get("link") is not None, f"{name}: {t}.{i.id} is not connected"
         if t == "UniARModelLoader":
             have_loader = True
-            models = n["properties"]["models"]
-            assert models[0]["url"].startswith("https://huggingface.co/ShareLab-SII/UniAR-")
-            assert models[0]["directory"] == "uniar" and models[0]["name"] == values[0] == "UniAR-SFT"
+            assert values[0] == "UniAR-SFT"
+            # the frontend's missing-model check wants single files and would report the installed folder as
+            # missing: templates carry no properties.models (the pack's own extension reports a missing folder)
+            assert "models" not in n.get("properties", {}), f"{name}: the loader carries properties.models"
         if t == "UniARGenerate":
             w = dict(zip([x.id if x else "ctl" for x in widgets], values))
             assert w["width"] >= 256 and w["height"] >= 256  # templates use real sizes, not fixture sizes
@@ -356,9 +363,12 @@ def test_ui_workflow_matches_nodes(pack, name):
 def test_every_template_has_a_thumbnail_and_screenshot():
     for name in UI_WORKFLOWS:
         base = name[:-5]
+        assert name.startswith("UniAR - "), f"{name}: the file name is the title in the Templates browser"
         assert os.path.isfile(os.path.join(WORKFLOW_DIR, base + ".jpg")), f"{base}.jpg thumbnail missing"
-        assert os.path.isfile(os.path.join(ROOT, "docs", base + ".png")), f"docs/{base}.png screenshot missing"
+        shot = os.path.join(ROOT, "docs", template_slug(name) + ".png")
+        assert os.path.isfile(shot), f"{shot} screenshot missing"
     assert len(UI_WORKFLOWS) >= 5
+    assert not os.path.isdir(os.path.join(ROOT, "workflows")), "templates live in example_workflows/ only"
 
 
 @pytest.mark.parametrize("name", API_WORKFLOWS)
@@ -391,8 +401,26 @@ def test_api_workflow_matches_nodes(pack, name):
 
 
 def test_api_and_ui_workflows_cover_the_same_use_cases():
-    ui = {n[len("uniar_"):-5] for n in UI_WORKFLOWS}
+    ui = {template_slug(n) for n in UI_WORKFLOWS}
     api = {n[:-5] for n in API_WORKFLOWS}
-    assert {"text_to_image", "edit_image", "reconstruct", "shared_context"} <= api
-    assert "caption" in api and "caption_vqa" in ui
-    assert {"text_to_image", "edit_image", "reconstruct", "shared_context"} <= ui
+    pairs = {"text_to_image": "uniar_text_to_image", "edit_image": "uniar_edit_an_image",
+             "caption": "uniar_caption_and_vqa", "reconstruct": "uniar_reconstruct_an_image",
+             "shared_context": "uniar_shared_context"}
+    assert set(pairs) <= api and set(pairs.values()) <= ui
+
+
+def test_drawn_preview_and_its_rate():
+    import torch
+
+    grid = (3, 4)
+    bits = torch.ones(5, 2, 4, 16, dtype=torch.int64)  # 5 of 12 tokens drawn, all bits 1
+    img = common.drawn_preview(bits, grid, min_width=64)
+    assert img.dim() == 3 and img.shape[-1] == 3 and img.shape[1] >= 64
+    full = common.preview_bits(torch.ones(1, 12, 2, 4, 16), grid, mode="tiles", level=0)[0]
+    scale = img.shape[1] // full.shape[1]
+    h_row = img.shape[0] // 3
+    assert float(img[: h_row].min()) == 1.0  # the first token row is drawn (white bits)
+    assert float(img[-1, -1, 0]) == 0.5  # the last token is not drawn yet: grey
+    assert scale >= 1 and img.shape[1] == full.shape[1] * scale
+    assert common.preview_every((16, 16)) == 32  # two token rows at 512x512: 8 pictures
+    assert common.preview_every((2, 2)) == 2

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Builds the UI-format workflow templates (workflows/*.json) inside the real ComfyUI frontend, so that every
+// Builds the UI-format workflow templates (example_workflows/*.json) inside the real ComfyUI frontend, so that every
 // node, slot, link and widget value is serialised exactly as the frontend itself does it.
 //
 //   PW_DIR=<folder with node_modules/playwright-core> node tests/ui/build_workflows.mjs [--url URL] [--out DIR]
@@ -17,21 +17,21 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const require = createRequire(path.join(process.env.PW_DIR || here, 'package.json'));
 const { chromium } = require('playwright-core');
 
-const opt = { url: 'http://127.0.0.1:8188', out: path.resolve(here, '..', '..', 'workflows') };
+const opt = { url: 'http://127.0.0.1:8188', out: path.resolve(here, '..', '..', 'example_workflows') };
 for (let i = 2; i < process.argv.length; i++) {
   const a = process.argv[i];
   if (a === '--url' || a === '--out') opt[a.slice(2)] = process.argv[++i];
   else { console.error(`unknown argument ${a}`); process.exit(2); }
 }
 
-const HUB = 'https://huggingface.co/ShareLab-SII/UniAR-SFT';
-const MODELS = [{ name: 'UniAR-SFT', url: HUB, directory: 'uniar' }];
+// No properties.models on the loader: the frontend's missing-model check knows single files only and would list
+// the checkpoint *folder* as missing even when it is installed. A missing folder is reported by the loader itself
+// (validation message) and by the pack's frontend extension (a notice naming the folder and the Download node).
 const loader = (id, pos) => ({
   id, type: 'UniARModelLoader', pos, widgets: { ckpt_name: 'UniAR-SFT', dtype: 'auto', attention: 'auto' },
-  properties: { models: MODELS },
 });
 const gen = (id, pos, prompt, extra = {}) => ({
-  id, type: 'UniARGenerate', pos, size: [400, 420],
+  id, type: 'UniARGenerate', pos, size: [400, 640], // room for the live preview of the tokens drawn so far
   widgets: { prompt, aspect_ratio: 'custom (width x height)', width: 512, height: 512, cfg: 1.5, temperature: 1.0,
     seed: 0, control_after_generate: 'randomize', batch_size: 1, mode: 'fast', ...extra },
 });
@@ -50,20 +50,21 @@ const note = (id, pos, text, size = [380, 200]) => ({ id, type: 'MarkdownNote', 
 const L = (from, fromSlot, to, input) => ({ from, fromSlot, to, input });
 
 const SETUP = 'Put the checkpoint folder **UniAR-SFT** (or UniAR-RL) from ' +
-  '[Hugging Face](https://huggingface.co/ShareLab-SII/UniAR-SFT) into `ComfyUI/models/uniar/`, or use the ' +
-  '*UniAR Download Model* node instead of the loader.';
+  '[Hugging Face](https://huggingface.co/ShareLab-SII/UniAR-SFT) into `ComfyUI/models/uniar/` (the whole folder: ' +
+  '`models/uniar/UniAR-SFT/config.json`, ...), or replace the loader with the *UniAR Download Model* node.';
 
 const WORKFLOWS = {
-  uniar_text_to_image: {
+  'UniAR - Text to image': {
     nodes: [
       loader(1, [40, 80]), gen(2, [420, 80], 'A red vintage car parked in front of a pastel blue house, golden hour.'),
       dec(3, [880, 80]), save(4, [1240, 80], 'uniar/t2i'),
       note(5, [40, 300], '### UniAR text to image\nGenerate draws the picture as 32x32-pixel visual tokens, one per ' +
-        'step (512x512 = 256 steps); Decode turns the tokens into pixels with the SD3.5-based decoder.\n\n' + SETUP, [360, 300]),
+        'step (512x512 = 256 steps; its progress bar shows the tokens drawn so far); Decode turns the tokens into ' +
+        'pixels with the SD3.5-based decoder.\n\n' + SETUP, [360, 300]),
     ],
     links: [L(1, 0, 2, 'model'), L(1, 0, 3, 'model'), L(2, 0, 3, 'tokens'), L(3, 0, 4, 'images')],
   },
-  uniar_edit_image: {
+  'UniAR - Edit an image': {
     nodes: [
       loader(1, [40, 80]), loadImage(2, [40, 260]),
       gen(3, [420, 80], 'Make it look like a watercolor painting.', { aspect_ratio: 'match edit input' }),
@@ -73,16 +74,17 @@ const WORKFLOWS = {
     ],
     links: [L(1, 0, 3, 'model'), L(2, 0, 3, 'edit_image'), L(1, 0, 4, 'model'), L(3, 0, 4, 'tokens'), L(4, 0, 5, 'images')],
   },
-  uniar_caption_vqa: {
+  'UniAR - Caption and VQA': {
     nodes: [
       loader(1, [40, 80]), loadImage(2, [40, 260]),
       caption(3, [420, 80], 'Describe this image in detail.'),
-      note(4, [880, 80], '### UniAR caption / VQA\nAsk anything about the image; the answer appears on the node and ' +
-        'on its text output. Only the language model and the vision tower are loaded (no image decoder).\n\n' + SETUP, [360, 260]),
+      note(4, [880, 80], '### UniAR caption / VQA\nAsk anything about the image; the answer appears in the box at the ' +
+        'bottom of the Caption node (the pack\'s frontend extension) and on its text output. Only the language model ' +
+        'and the vision tower are loaded (no image decoder).\n\n' + SETUP, [360, 260]),
     ],
     links: [L(1, 0, 3, 'model'), L(2, 0, 3, 'image')],
   },
-  uniar_reconstruct: {
+  'UniAR - Reconstruct an image': {
     nodes: [
       loader(1, [40, 80]), loadImage(2, [40, 260]),
       { id: 3, type: 'UniAREncodeImage', pos: [420, 80] }, dec(4, [780, 80]), save(5, [1140, 80], 'uniar/reconstruct'),
@@ -94,11 +96,11 @@ const WORKFLOWS = {
     links: [L(1, 0, 3, 'model'), L(2, 0, 3, 'image'), L(1, 0, 4, 'model'), L(3, 0, 4, 'tokens'), L(4, 0, 5, 'images'),
       L(3, 0, 6, 'tokens'), L(6, 0, 7, 'images')],
   },
-  uniar_shared_context: {
+  'UniAR - Shared context': {
     nodes: [
       loader(1, [40, 80]), gen(2, [420, 80], 'A cozy reading corner with a green armchair and a tall plant.'),
       dec(3, [880, 80]), save(4, [1240, 80], 'uniar/shared_t2i'),
-      caption(5, [420, 560], 'What objects are in this picture?'),
+      caption(5, [420, 760], 'What objects are in this picture?'),
       gen(6, [880, 470], 'Make the armchair red.', { aspect_ratio: 'match edit input' }),
       dec(7, [1340, 500]), save(8, [1700, 500], 'uniar/shared_edit'),
       note(9, [40, 300], '### UniAR shared context\nThe tokens of one generation feed a caption and an edit ' +
