@@ -304,6 +304,7 @@ def decoder_model(handle: UniARHandle):
             dt = next((p.dtype for p in first.parameters() if p.is_floating_point()), torch.float32)
             slot.dec = {"key": key, "patcher": _patcher(UniARImageDecoder, modules, dt), "decoder": dec}
         _bring_up(slot.dec["patcher"])
+        _set_compute_device(slot.dec["decoder"], slot.dec["patcher"].load_device)
         return ckpt, slot.dec["decoder"]
 
 

@@ -81,6 +81,7 @@ class UniARDecoder:
         self.cache_dir = cache_dir
         self.encoder_device = encoder_device  # where a new decoder prompt is encoded (None: the DiT's device)
         self._embeddings: dict[str, PromptEmbeddings] = {}
+        self._device = None
         bcfg = bsq_proj.cfg
         self.bsq_dim, self.levels, self.merge_unit = bcfg.bsq_dim, bcfg.levels, bcfg.merge_unit
         self.merge_size = bcfg.spatial_merge_size
@@ -101,7 +102,13 @@ class UniARDecoder:
 
     @property
     def device(self) -> torch.device:
-        return _param(self.transformer).device
+        """The compute device: set by a host that streams weights (ComfyUI, where some layers keep their weights
+        on the offload device and cast them per call), else the DiT's parameter device."""
+        return self._device if self._device is not None else _param(self.transformer).device
+
+    @device.setter
+    def device(self, value) -> None:
+        self._device = None if value is None else torch.device(value)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -163,8 +170,7 @@ class UniARDecoder:
     def token_features(self, tokens: VisualTokens) -> torch.Tensor:
         """``siglip_tensor`` (B, gh*gw, levels*Dv): raw ``bsq_output_proj*`` features, levels interleaved on the
         channel axis (channel ``c * levels + level``, upstream's stack(-1).flatten), raster 16-px patch order."""
-        proj_dev = _param(self.bsq_proj).device
-        bits = tokens.bits().to(proj_dev)  # (B, N, levels, u, d), reference codec incl. the 64-bit quirk
+        bits = tokens.bits().to(self.device)  # (B, N, levels, u, d), reference codec incl. the 64-bit quirk
         feats = self.bsq_proj.project(bits)  # levels x (B*N*u, Dv)
         x = torch.stack(feats, dim=-1).flatten(-2)  # (B*N*u, Dv*levels)
         b, m = tokens.batch_size, self.merge_size
@@ -238,7 +244,7 @@ class UniARDecoder:
 
         vae = self.vae
         vp = _param(vae)
-        z = (latents / vae.config.scaling_factor + vae.config.shift_factor).to(vp.device, vp.dtype)
+        z = (latents / vae.config.scaling_factor + vae.config.shift_factor).to(self.device, vp.dtype)
         image = vae.decode(z, return_dict=False)[0]
         if trace is not None:
             trace.update(vae_input=z.detach().cpu(), vae_output=image.detach().cpu())
