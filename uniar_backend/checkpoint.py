@@ -49,17 +49,33 @@ def _read_header(path: str) -> dict:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a valid .safetensors file (bad header); re-download it")
     data_len = size - 8 - n
+    covered = 0
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
             start, end = info["data_offsets"]
+            shape, dtype = [int(x) for x in info["shape"]], info["dtype"]
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor '{key}' has no data offsets; the file is corrupt") from None
-        if not 0 <= start <= end <= data_len:
+            raise CheckpointError(f"{path}: tensor '{key}' has no valid offsets / shape / dtype; the file is corrupt; "
+                                  "re-download it") from None
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len):
             raise CheckpointError(
                 f"{path}: tensor '{key}' lies beyond the end of the file (truncated download?); re-download it"
             )
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor '{key}' has dtype {str(dtype)[:20]!r}, which UniAR checkpoints do "
+                                  f"not use ({', '.join(_SAFETENSORS_DTYPES)})")
+        numel = 1
+        for x in shape:
+            numel *= x
+        if min(shape, default=0) < 0 or numel * _SAFETENSORS_DTYPES[dtype].itemsize != end - start:
+            raise CheckpointError(f"{path}: tensor '{key}' ({dtype} {shape}) does not match its {end - start} bytes; "
+                                  "the file is corrupt; re-download it")
+        covered = max(covered, end)
+    if covered != data_len:
+        raise CheckpointError(f"{path}: the file is {data_len - covered} bytes longer than its header describes "
+                              "(an incomplete or damaged download?); re-download it")
     return header
 
 
@@ -79,7 +95,17 @@ class WeightFiles:
                     weight_map = json.load(f)["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
             files = sorted(set(weight_map.values()))
+            # by name: a shard is a path inside the folder (a shard that is a link the user made, e.g. into a
+            # Hub cache, is fine; '../x' or '/x' in a downloaded index is not)
+            root = os.path.abspath(folder)
+            outside = [fn for fn in files if os.path.isabs(fn) or os.path.commonpath(
+                [root, os.path.normpath(os.path.join(root, fn))]) != root]
+            if outside:
+                raise CheckpointError(f"{index}: shard {outside[0][:200]!r} is not a file of this folder; a checkpoint "
+                                      "index may only name shard files beside it")
             missing = [fn for fn in files if not os.path.isfile(os.path.join(folder, fn))]
             if missing:
                 raise CheckpointError(
@@ -147,6 +173,25 @@ class WeightFiles:
         return h.hexdigest()[:16]
 
 
+def _container(key: str) -> str:
+    """The module container a checkpoint key belongs to: the path up to its first numbered part
+    (``model.language_model.layers.4.mlp.up_proj.weight`` -> ``model.language_model.layers.``), else its module
+    (``lm_head.weight`` -> ``lm_head.``)."""
+    parts = key.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p.isdigit():
+            return ".".join(parts[:i]) + "."
+    return ".".join(parts[:-1]) + "."
+
+
+def unexpected_keys(available, wanted) -> list[str]:
+    """Checkpoint keys that lie inside a container the module loads but that the module does not have: a layer
+    or block beyond the config's count, or a tensor a loaded layer lacks.  Keys of parts that were not asked
+    for (another component's containers) are not looked at."""
+    loaded = {_container(k) for k in wanted}
+    return sorted(k for k in available if k not in wanted and _container(k) in loaded)
+
+
 def build_on_meta(factory: Callable[[object], torch.nn.Module], ops=None):
     """``factory(ops)`` built on the meta device, and the layout of its tensors.
 
@@ -190,12 +235,25 @@ def load_module_weights(
             f"{files.folder}: {len(missing)} weight(s) of the {what} are missing from the checkpoint "
             f"(e.g. {', '.join(missing[:3])}); the checkpoint does not match its config.json or is incomplete"
         )
+    extra = unexpected_keys(available, wanted)
+    if extra:
+        raise CheckpointError(
+            f"{files.folder}: {len(extra)} weight(s) of the {what} are not in the model config.json describes "
+            f"(e.g. {', '.join(extra[:3])}); config.json does not match the weights (layer counts?)"
+        )
     for ck, mk in wanted.items():
-        shape, _ = files.info(ck)
+        shape, fdtype = files.info(ck)
         if list(state[mk].shape) != shape:
             raise CheckpointError(
                 f"{files.key_to_file[ck]}: tensor '{ck}' has shape {shape}, config.json implies "
                 f"{list(state[mk].shape)}; the weights do not match the config"
+            )
+        if fdtype.is_floating_point != state[mk].is_floating_point() or (fdtype == torch.bool) != (
+                state[mk].dtype == torch.bool):
+            raise CheckpointError(
+                f"{files.key_to_file[ck]}: tensor '{ck}' is stored as {fdtype}, but the model needs a "
+                f"{'floating-point' if state[mk].is_floating_point() else str(state[mk].dtype)} tensor there; "
+                "the file is damaged or not a UniAR checkpoint"
             )
     # Read file by file (one shard at a time) and move each tensor to its device/dtype right away, so peak host
     # memory stays around one shard; assign only when everything was read.
