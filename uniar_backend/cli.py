@@ -5,6 +5,7 @@ Errors exit non-zero with one clear line on stderr."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import UniARError
@@ -30,8 +31,51 @@ def _load(args, components):
     return ckpt, model
 
 
+TOKEN_SUFFIXES = (".safetensors",)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# what each command writes: (argument, suffixes that name its format; () = any)
+OUTPUTS = {"tokenize": (("out", TOKEN_SUFFIXES),), "generate": (("out", TOKEN_SUFFIXES),),
+           "caption": (("out", ()),), "decode": (("out", IMAGE_SUFFIXES),),
+           "t2i": (("out", IMAGE_SUFFIXES), ("save_tokens", TOKEN_SUFFIXES))}
+# input files each command reads (checked before any weights load)
+INPUTS = (("image", "image file"), ("tokens", "visual tokens file"), ("image_tokens", "visual tokens file"),
+          ("prompt_file", "prompt file"), ("question_file", "question file"))
+MAX_TEXT_FILE = 1 << 20  # a prompt or question file is read whole; beyond any context anyway
+
+
+def precheck_files(args) -> None:
+    """Every destination and input file of the command, before anything heavy: a bad --out fails in a second,
+    not after a whole generation."""
+    from .fileio import check_input_file, check_output_file
+
+    for name, what in INPUTS:
+        if getattr(args, name, None) is not None:
+            check_input_file(getattr(args, name), what)
+    for name, suffixes in OUTPUTS.get(args.command, ()):
+        if getattr(args, name, None) is not None:
+            check_output_file(getattr(args, name), "--" + name.replace("_", "-"), suffixes)
+    for name in ("prompt", "question"):
+        src = getattr(args, name + "_file", None)
+        if src is not None:
+            setattr(args, name, read_text_file(src, f"--{name}-file"))
+
+
+def read_text_file(path: str, what: str) -> str:
+    from .errors import InputError
+
+    if os.path.getsize(path) > MAX_TEXT_FILE:
+        raise InputError(f"{what} {path} is larger than {MAX_TEXT_FILE >> 10} KiB; no prompt that long fits the model")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().rstrip("\n")
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {path} is not UTF-8 text") from None
+
+
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True, help="text prompt ('' gives an unconditional sample)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text prompt ('' gives an unconditional sample)")
+    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file (for long prompts)")
     p.add_argument("--height", type=int, required=True, help="AR image height in pixels (multiple of 32)")
     p.add_argument("--width", type=int, required=True, help="AR image width in pixels (multiple of 32)")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
@@ -49,10 +93,13 @@ def run_generate(args, edit: bool = True, progress_label: str = "generate"):
     from .preprocess import load_image
     from .tokens import VisualTokens
 
+    from .prompting import check_prompt
+
     if not 1 <= args.batch_size <= 64:
         raise InputError(f"--batch-size must be in 1..64, got {args.batch_size}")
     api.check_size(args.height, args.width)
     api.check_sampling(args.cfg, args.temperature, args.seed)
+    check_prompt(args.prompt)
     image = getattr(args, "image", None) if edit else None
     edit_tokens = getattr(args, "image_tokens", None) if edit else None
     edit_images = [load_image(image)] if image else None
@@ -102,6 +149,9 @@ def cmd_caption(args):
     from .preprocess import load_image
     from .tokens import VisualTokens
 
+    from .prompting import check_prompt
+
+    check_prompt(args.question, "question")
     image = load_image(args.image) if args.image else None
     tokens = VisualTokens.load(args.tokens) if args.tokens else None
     components = ("llm", "lm_head") + (("vision",) if image is not None else ())
@@ -149,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="input image file")
     src.add_argument("--tokens", help="input visual tokens file")
-    p.add_argument("--question", required=True, help="question / instruction")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--question", help="question / instruction")
+    q.add_argument("--question-file", help="read the question from this UTF-8 text file")
     p.add_argument("--max-new-tokens", type=int, default=256, help="maximum answer length (default 256)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
@@ -172,6 +224,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        precheck_files(args)
         rc = args.func(args)
     except UniARError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -179,10 +232,27 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except MemoryError:
-        print("error: out of memory; use a smaller size, batch or dtype bfloat16", file=sys.stderr)
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: out of memory ({_first_line(e)}); use a smaller size or batch, dtype bfloat16, or free memory",
+              file=sys.stderr)
         return 3
     return int(rc or 0)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch reports exhausted memory as MemoryError, torch.OutOfMemoryError (CUDA / MPS) or a RuntimeError of the
+    CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(e, MemoryError):
+        return True
+    name = type(e).__name__
+    text = str(e)
+    return name == "OutOfMemoryError" or "out of memory" in text.lower() or "can't allocate memory" in text
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 if __name__ == "__main__":

@@ -108,16 +108,29 @@ def to_rgb(image):
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+def _to_8bit(image):
+    """16- and 32-bit integer images (16-bit PNG / TIFF open as mode I;16* or I) scaled to 8 bits; PIL's own
+    conversion clips them (everything above 255 turns white)."""
+    from PIL import Image
+
+    if not (image.mode == "I" or image.mode.startswith("I;16")):
+        return image
+    arr = np.asarray(image).astype(np.float64)
+    arr = np.clip(arr, 0, 65535) / 257.0
+    return Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
+
+
 def load_image(path: str):
     """Open an image file as RGB PIL, with a clear error for missing or unreadable files."""
     from PIL import Image, UnidentifiedImageError
 
-    if not os.path.isfile(path):
-        raise InputError(f"image file not found: {path}")
+    from .fileio import check_input_file
+
+    check_input_file(path, "image file")
     try:
         with Image.open(path) as im:
             im.load()
-            return to_rgb(im)
+            return to_rgb(_to_8bit(im))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"cannot read image {path}: {e}") from None
 

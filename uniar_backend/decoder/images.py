@@ -7,8 +7,6 @@ import os
 import torch
 
 from ..errors import InputError
-
-
 from ..fileio import atomic_path
 
 
@@ -26,13 +24,21 @@ def output_paths(path: str | os.PathLike, count: int) -> list[str]:
     return [f"{stem}_{i:05d}{ext or '.png'}" for i in range(count)]
 
 
-def save_images(images: torch.Tensor, path: str | os.PathLike, metadata: dict | None = None) -> list[str]:
-    """Save ``[B, H, W, 3]`` (or ``[H, W, 3]``) images in [0, 1] as PNG; returns the written paths.
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", "": "PNG"}
 
-    ``metadata``: optional text chunks (e.g. the decode parameters)."""
+
+def save_images(images: torch.Tensor, path: str | os.PathLike, metadata: dict | None = None) -> list[str]:
+    """Save ``[B, H, W, 3]`` (or ``[H, W, 3]``) images in [0, 1] in the format the suffix names (PNG, JPEG at
+    quality 95, lossless WebP; no suffix: PNG); returns the written paths.
+
+    ``metadata``: optional text chunks (e.g. the decode parameters; PNG only)."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in FORMATS:
+        raise InputError(f"{path}: unknown image suffix {ext!r}; use .png, .jpg or .webp")
+    fmt = FORMATS[ext]
     if images.dim() == 3:
         images = images.unsqueeze(0)
     if images.dim() != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
@@ -45,6 +51,7 @@ def save_images(images: torch.Tensor, path: str | os.PathLike, metadata: dict | 
     pixels = to_uint8(images).numpy()
     paths = output_paths(path, pixels.shape[0])
     for arr, out in zip(pixels, paths, strict=True):
-        with atomic_path(out, prefix=".uniar_img_", suffix=".png") as tmp:
-            Image.fromarray(arr).save(tmp, format="PNG", pnginfo=info)
+        with atomic_path(out, prefix=".uniar_img_", suffix=ext or ".png") as tmp:
+            opts = {"PNG": {"pnginfo": info}, "JPEG": {"quality": 95}, "WEBP": {"lossless": True}}[fmt]
+            Image.fromarray(arr).save(tmp, format=fmt, **opts)
     return paths
