@@ -57,6 +57,9 @@ class UniARCaption(io.ComfyNode):
 
         if (image is None) == (tokens is None):
             raise InputError("UniAR Caption needs exactly one input: connect an image or visual tokens")
+        from ..uniar_backend.prompting import check_prompt
+
+        check_prompt(question, "question")  # before anything loads
         images = _rgb_list(image) if image is not None else None
         components = ("llm", "lm_head") + (("vision",) if images is not None else ())
         ckpt, m = mgmt.ar_model(model, components)

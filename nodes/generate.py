@@ -112,6 +112,7 @@ class UniARGenerate(io.ComfyNode):
     def execute(cls, model, prompt, aspect_ratio, width, height, cfg, temperature, seed, batch_size,
                 edit_image=None, edit_tokens=None, mode="fast") -> io.NodeOutput:
         from ..uniar_backend import api
+        from ..uniar_backend.prompting import check_prompt
         from . import model_management as mgmt
 
         if edit_image is not None and edit_tokens is not None:
@@ -139,6 +140,7 @@ class UniARGenerate(io.ComfyNode):
         # validate_inputs once per input it takes, and its own per-input min / max checks already cover the ranges.
         api.check_size(h, w)
         api.check_sampling(cfg, temperature, seed)
+        check_prompt(prompt)
         components = ("llm", "gen_head") + (("vision",) if edit_images is not None else ())
         ckpt, m = mgmt.ar_model(model, components)
         grid = (h // common.TOKEN_PIXELS, w // common.TOKEN_PIXELS)

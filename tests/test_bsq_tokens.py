@@ -63,12 +63,14 @@ def test_golden_indices_are_valid_tokens():
 
 
 def test_save_failure_leaves_no_file(tmp_path, monkeypatch):
-    import safetensors.torch as st
+    from uniar_backend import tokens as tokens_module
 
-    def boom(*a, **k):
+    def boom(path, *a, **k):
+        with open(path, "wb") as f:  # half a file, then the disk is full
+            f.write(b"12345")
         raise OSError("disk full")
 
-    monkeypatch.setattr(st, "save_file", boom)
+    monkeypatch.setattr(tokens_module, "write_safetensors", boom)
     with pytest.raises(OSError):
         _tokens().save(tmp_path / "t.safetensors")
     assert os.listdir(tmp_path) == []

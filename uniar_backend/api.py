@@ -89,7 +89,8 @@ def _edit_inputs(model, ckpt, B, edit_images, edit_tokens):
 
             warnings.warn(w)
         if edit_tokens.batch_size not in (1, B):
-            raise InputError(f"edit tokens hold {edit_tokens.batch_size} images for {B} prompts; give 1 or {B}")
+            raise InputError(f"edit tokens hold {edit_tokens.batch_size} images for {B} prompt(s); give "
+                             f"{'1' if B == 1 else f'1 or {B}'}")
         bits = edit_tokens.bits()
         grid = (1, edit_tokens.ar_height // 16, edit_tokens.ar_width // 16)
         return [(bits[i if edit_tokens.batch_size > 1 else 0], grid) for i in range(B)]
@@ -101,7 +102,7 @@ def _edit_image_inputs(model, ckpt, B, edit_images, height, width):
     if len(items) == 1 and B > 1:
         items = items * B
     if len(items) != B:
-        raise InputError(f"{len(items)} edit images for {B} prompts; give 1 or {B}")
+        raise InputError(f"{len(items)} edit images for {B} prompt(s); give {'1' if B == 1 else f'1 or {B}'}")
     _need(model, "vision")
     pcfg = ckpt.processor_config
     out = []
@@ -118,6 +119,8 @@ def build_prefix(model, ckpt, prompts: Sequence[str], height: int, width: int, c
     """Prompt rows (conditional, then unconditional when cfg > 1), left padding, mRoPE ids, embeddings."""
     mc = model.cfg
     tok = ckpt.tokenizer
+    for p in dict.fromkeys(prompts):
+        prompting.check_prompt_tokens(tok, p)
     rows, cols = height // TOKEN_PIXELS, width // TOKEN_PIXELS
     N = rows * cols
     use_cfg = cfg > 1.0
@@ -222,11 +225,9 @@ def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None 
     """Answer ``question`` about each image (or each row of ``tokens``): the Qwen3-VL chat flow of the
     reference (checkpoint chat template, BSQ-quantised vision features, final norm + lm_head), greedy by default,
     stopping at the checkpoint's eos tokens.  Returns one answer per image."""
-    from .modeling.layers import additive_mask
     from .modeling.text import KVCache, run_layers
 
-    if not isinstance(question, str):
-        raise InputError("question must be a string")
+    question = prompting.check_prompt(question, "question")
     if (image is None) == (tokens is None):
         raise InputError("give either an image or visual tokens to caption")
     if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 32768:
@@ -254,6 +255,7 @@ def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None 
             pv, grid, _ = processor_patches(im, ckpt.processor_config)
             items.append((model.visual.encode_bits(pv.to(model.device), [grid], model.attention), grid))
     tok = ckpt.tokenizer
+    prompting.check_prompt_tokens(tok, question, "question")
     eos = set(ckpt.eos_token_ids())
     dev = model.device
     lm = model.language_model
@@ -279,8 +281,8 @@ def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None 
         cache = KVCache(mc.text.num_hidden_layers, 1, mc.text.num_key_value_heads, mc.text.head_dim,
                         L + max_new_tokens, dev, dt)
         cos, sin = model.rope(pos.to(dev), dt)
-        causal = additive_mask(torch.ones(L, L, dtype=torch.bool, device=dev).tril()[None, None], dt)
-        h = run_layers(lm.layers, x, cos, sin, causal, cache, model.attention, deep, vmask)
+        # one unpadded row: causal attention without a dense L x L mask (the layers pass is_causal)
+        h = run_layers(lm.layers, x, cos, sin, None, cache, model.attention, deep, vmask)
         cache.length = L
         logits = model.lm_head(lm.norm(h[:, -1]))
         scores = [logits.float().cpu()] if info is not None else None

@@ -11,6 +11,8 @@ from .errors import CheckpointError, InputError
 # UniAR's own generation template (not the checkpoint's chat template): pieces concatenated, no separator.
 GEN_PROMPT = "<|im_start|>user\n{prompt}{image}<image_gen> generate image {rows} {cols}<|im_end|>\n<|im_start|>assistant\n<|vision_start|>"
 IMAGE_BLOCK = "<|vision_start|>{pads}<|vision_end|>"
+MAX_PROMPT_TOKENS = 8192  # a prompt / question's own tokens (UniAR's prompts are a few dozen)
+MAX_PROMPT_CHARS = 64 * MAX_PROMPT_TOKENS  # refused before tokenizing (no token is longer than 64 characters)
 RESERVED = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>")
 
 
@@ -32,13 +34,26 @@ def load_tokenizer(ckpt):
     return tok
 
 
-def check_prompt(prompt: str) -> str:
+def check_prompt(prompt: str, what: str = "prompt") -> str:
+    """A prompt or question: a string without the chat template's reserved tokens, not absurdly long (the
+    tokenized length is checked by :func:`check_prompt_tokens`)."""
     if not isinstance(prompt, str):
-        raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        raise InputError(f"{what} must be a string, got {type(prompt).__name__}")
     for t in RESERVED:
         if t in prompt:
-            raise InputError(f"prompt contains the reserved token {t}; remove it (images are passed separately)")
+            raise InputError(f"{what} contains the reserved token {t}; remove it (images are passed separately)")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(f"{what} is {len(prompt)} characters long; at most {MAX_PROMPT_TOKENS} tokens "
+                         f"(about {MAX_PROMPT_TOKENS * 4} characters of English) are accepted")
     return prompt
+
+
+def check_prompt_tokens(tok, prompt: str, what: str = "prompt") -> None:
+    """The prompt's own token count against :data:`MAX_PROMPT_TOKENS` (before any model work: the prefill's
+    attention memory grows with the square of the prompt length)."""
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    if n > MAX_PROMPT_TOKENS:
+        raise InputError(f"{what} is {n} tokens long; at most {MAX_PROMPT_TOKENS} are accepted (shorten it)")
 
 
 def generation_prompt(prompt: str, rows: int, cols: int, image_tokens: int | None) -> str:

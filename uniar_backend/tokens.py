@@ -17,10 +17,28 @@ import torch
 
 from . import bsq
 from .errors import TokenError
+from .limits import MAX_LEVELS, MAX_MERGE_UNIT, MAX_SIDE, MAX_TOKEN_BATCH
 from .limits import TOKEN_PIXELS as PATCH_PER_TOKEN  # one merged token covers 32x32 pixels
 
 FORMAT = "uniar.visual_tokens"
 VERSION = "1"
+
+
+def check_layout(ar_height, ar_width, bsq_dim, levels, merge_unit, batch) -> None:
+    """The limits every tokens value obeys (made here, or read from a shared file): the same as for user input,
+    so a file cannot ask for more work or memory than a user could."""
+    for name, v in (("ar_height", ar_height), ("ar_width", ar_width)):
+        if v <= 0 or v % PATCH_PER_TOKEN:
+            raise TokenError(f"visual tokens: {name}={v} is not a positive multiple of {PATCH_PER_TOKEN}")
+        if v > MAX_SIDE:
+            raise TokenError(f"visual tokens: {name}={v} is larger than {MAX_SIDE} pixels, the largest UniAR size")
+    if not 1 <= bsq_dim <= 64:
+        raise TokenError(f"visual tokens: bsq_dim={bsq_dim} is outside 1..64")
+    if not 1 <= levels <= MAX_LEVELS or not 1 <= merge_unit <= MAX_MERGE_UNIT:
+        raise TokenError(f"visual tokens: levels={levels} / merge_unit={merge_unit} outside 1..{MAX_LEVELS} / "
+                         f"1..{MAX_MERGE_UNIT}")
+    if not 1 <= batch <= MAX_TOKEN_BATCH:
+        raise TokenError(f"visual tokens hold {batch} images; a tokens value holds 1..{MAX_TOKEN_BATCH}")
 
 
 @dataclass
@@ -48,12 +66,7 @@ class VisualTokens:
             raise TokenError(
                 f"visual tokens: 'indices' must have shape [B, N, levels, merge_unit], got {list(t.shape)}"
             )
-        for name in ("ar_height", "ar_width"):
-            v = getattr(self, name)
-            if v <= 0 or v % PATCH_PER_TOKEN:
-                raise TokenError(f"visual tokens: {name}={v} is not a positive multiple of {PATCH_PER_TOKEN}")
-        if not 1 <= self.bsq_dim <= 64:
-            raise TokenError(f"visual tokens: bsq_dim={self.bsq_dim} is outside 1..64")
+        check_layout(self.ar_height, self.ar_width, self.bsq_dim, self.levels, self.merge_unit, t.shape[0])
         n = (self.ar_height // PATCH_PER_TOKEN) * (self.ar_width // PATCH_PER_TOKEN)
         if t.shape[1] != n or t.shape[2] != self.levels or t.shape[3] != self.merge_unit:
             raise TokenError(
@@ -140,45 +153,65 @@ class VisualTokens:
         return meta
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write the tokens atomically (a temporary file in the same folder, then rename)."""
-        from safetensors.torch import save_file
-
+        """Write the tokens atomically (a temporary file in the same folder, then rename).  The same tokens give
+        the same bytes (sorted header), so ``cmp`` and hash-based caches work."""
         from .fileio import atomic_path
 
         path = os.fspath(path)
         with atomic_path(path, prefix=".uniar_tokens_") as tmp:
-            save_file({"indices": self.indices.detach().to("cpu", torch.int64).contiguous()}, tmp,
-                      metadata=self.metadata())
+            write_safetensors(tmp, {"indices": self.indices.detach().to("cpu", torch.int64).contiguous()},
+                              self.metadata())
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VisualTokens":
+        """Read a tokens file; its header is checked (integrity, dtype, shape and the metadata's sizes against
+        the limits) before the tensor is read, so a file cannot make this allocate more than a valid one."""
         from safetensors import safe_open
 
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise TokenError(f"visual tokens file not found: {path}")
+        from .checkpoint import _read_header
+        from .errors import CheckpointError
+        from .fileio import check_input_file
+
+        path = check_input_file(os.fspath(path), "visual tokens file", TokenError)
         try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                keys = list(f.keys())
-                if "indices" not in keys:
-                    raise TokenError(f"{path}: no tensor 'indices' (found {keys}); not a UniAR visual tokens file")
-                indices = f.get_tensor("indices")
-        except TokenError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise TokenError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from None
-        if meta.get("format") != FORMAT:
+            header = _read_header(path)
+        except CheckpointError as e:
+            raise TokenError(str(e).replace("re-download it", "it is not a valid tokens file")) from None
+        meta = header.get("__metadata__") or {}
+        keys = [k for k in header if k != "__metadata__"]
+        if "indices" not in keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            raise TokenError(f"{path}: no tensor 'indices' (found {shown or 'none'}); not a UniAR visual tokens file")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            fmt = meta.get("format") if isinstance(meta, dict) else None
             raise TokenError(
-                f"{path}: metadata format={meta.get('format')!r}, expected {FORMAT!r}; not a UniAR visual tokens file"
+                f"{path}: metadata format={str(fmt)[:40]!r}, expected {FORMAT!r}; not a UniAR visual tokens file"
             )
         if meta.get("version") != VERSION:
-            raise TokenError(f"{path}: tokens file version {meta.get('version')!r} is not supported (need {VERSION})")
+            raise TokenError(f"{path}: tokens file version {str(meta.get('version'))[:20]!r} is not supported "
+                             f"(need {VERSION})")
         try:
             fields = {k: int(meta[k]) for k in ("ar_height", "ar_width", "bsq_dim", "levels", "merge_unit")}
         except (KeyError, ValueError) as e:
-            raise TokenError(f"{path}: missing or invalid metadata field ({e})") from None
+            raise TokenError(f"{path}: missing or invalid metadata field ({str(e)[:80]})") from None
+        info = header["indices"]
+        shape = info["shape"]
+        try:
+            check_layout(**fields, batch=shape[0] if len(shape) == 4 else 1)
+        except TokenError as e:
+            raise TokenError(f"{path}: {e}") from None
+        n = (fields["ar_height"] // PATCH_PER_TOKEN) * (fields["ar_width"] // PATCH_PER_TOKEN)
+        if info["dtype"] != "I64" or shape[1:] != [n, fields["levels"], fields["merge_unit"]]:
+            raise TokenError(f"{path}: 'indices' is {info['dtype']} {shape}, expected I64 [B, {n}, "
+                             f"{fields['levels']}, {fields['merge_unit']}] for {fields['ar_height']}x"
+                             f"{fields['ar_width']}; the file is corrupt")
+        try:
+            with safe_open(path, framework="pt") as f:
+                indices = f.get_tensor("indices")
+        except Exception as e:  # safetensors raises its own error types
+            raise TokenError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {str(e)[:200]})") \
+                from None
         known = {"format", "version", "fingerprint", *fields}
         extra = {k: v for k, v in meta.items() if k not in known}
         try:
@@ -191,3 +224,28 @@ class VisualTokens:
         """Bits ``[B, N, levels, merge_unit, d]`` -> tokens."""
         return cls(bsq.bits_to_indices(bits).cpu(), ar_height, ar_width, int(bits.shape[-1]), int(bits.shape[2]),
                    int(bits.shape[3]), fingerprint)
+
+
+def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
+    """A .safetensors file with a deterministic header (keys sorted, metadata sorted), byte for byte the same
+    for the same tensors (``safetensors.save_file`` orders the metadata by a hash map: it changes run to run)."""
+    import json
+
+    dtypes = {torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.float32: "F32",
+              torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, offset, blobs = {}, 0, []
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    if metadata:
+        header = {"__metadata__": {str(k): str(v) for k, v in sorted(metadata.items())}, **header}
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for b in blobs:
+            f.write(b)

@@ -142,8 +142,6 @@ class UniARDecoder:
         if not isinstance(tokens, VisualTokens):
             raise TokenError(f"expected VisualTokens, got {type(tokens).__name__}")
         tokens.validate()
-        if tokens.batch_size == 0:
-            raise TokenError("visual tokens hold no image (batch size 0)")
         for w in tokens.check_compatible(self.bsq_dim, self.levels, self.merge_unit, self.fingerprint,
                                          what="this decoder (bsq_encoder/)"):
             warnings.warn(w, stacklevel=2)
