@@ -96,12 +96,15 @@ class UniARDownloadModel(io.ComfyNode):
             display_name="UniAR Download Model",
             category="UniAR/loaders",
             description=("Downloads a UniAR checkpoint from the Hugging Face Hub into the first 'uniar' model "
-                         "folder (only when the node runs; skipped when the folder is already complete, so it "
-                         "also works offline afterwards), then acts like the loader."),
+                         "folder: only the files this pack reads, after checking the free disk space, resuming "
+                         "interrupted files (only when the node runs; skipped when the folder is already complete, "
+                         "so it also works offline afterwards), then acts like the loader."),
             inputs=[
                 io.Combo.Input("repo_id", options=list(common.HUB_REPOS), default=common.HUB_REPOS[0],
                                tooltip=("Hugging Face repository. UniAR-SFT: the supervised model; UniAR-RL: "
-                                        "the RL-tuned one. About 40 GB each (weights + image decoder).")),
+                                        "the RL-tuned one. Only the files the pack reads are fetched (see the "
+                                        "README: about a third of the repository's 74 GB), resuming where an "
+                                        "interrupted download stopped.")),
                 *_runtime_inputs(),
             ],
             outputs=[UniARModel.Output(display_name="model", tooltip=MODEL_OUT_TIP)],
@@ -119,39 +122,28 @@ class UniARDownloadModel(io.ComfyNode):
 
 
 def _download(repo_id: str, local: str) -> None:
+    """Only the files the pack reads (see uniar_backend/download.py), resumable, with byte progress and cancel."""
+    import comfy.utils
+
+    from ..uniar_backend.download import download
     from ..uniar_backend.errors import CheckpointError
     from .model_management import check_interrupt
 
-    manual = (f"Download it manually (e.g. `hf download {repo_id} --local-dir \"{local}\"`, or from "
-              f"https://huggingface.co/{repo_id}) and put the folder at {local}, then use the UniAR Model Loader.")
+    manual = (f"Download it manually (e.g. `python -m uniar_backend download --repo {repo_id} --out \"{local}\"` "
+              f"or from https://huggingface.co/{repo_id}) and put the folder at {local}, then use the UniAR Model "
+              "Loader.")
+    pbar = comfy.utils.ProgressBar(100)
+
+    def progress(done: int, total: int) -> None:
+        check_interrupt()  # a cancel stops the download; the next run resumes it
+        pbar.update_absolute(int(done * 100 // max(1, total)), 100)
+
+    log.info("UniAR: downloading %s into %s (only the files this pack reads)", repo_id, local)
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(f"huggingface_hub is not installed, so {repo_id} cannot be downloaded. {manual}") from None
-    import comfy.utils
-    from tqdm.auto import tqdm as _tqdm
-
-    pbar = comfy.utils.ProgressBar(1)
-
-    class _Progress(_tqdm):  # snapshot_download reports files done / total through tqdm
-        def update(self, n=1):
-            out = super().update(n)
-            check_interrupt()
-            if self.total:
-                pbar.update_absolute(int(self.n), int(self.total))
-            return out
-
-    os.makedirs(local, exist_ok=True)
-    log.info("UniAR: downloading %s into %s", repo_id, local)
-    try:
-        snapshot_download(repo_id=repo_id, local_dir=local, tqdm_class=_Progress)
-    except Exception as e:  # offline, DNS failure, HTTP errors, gated repo ...
-        from comfy.model_management import InterruptProcessingException
-
-        if isinstance(e, InterruptProcessingException):
-            raise
-        raise CheckpointError(
-            f"could not download {repo_id} from the Hugging Face Hub ({type(e).__name__}: {str(e)[:300]}). "
-            f"Is this machine offline? {manual}") from None
+        summary = download(repo_id, local, progress=progress)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}. {manual}") from None
+    log.info("UniAR: %s: %d files, %.1f GB (%d fetched)", repo_id, summary["files"], summary["bytes"] / 1e9,
+             summary["fetched"])
     if not common.checkpoint_looks_complete(local):
         raise CheckpointError(f"the download of {repo_id} into {local} is incomplete. {manual}")
