@@ -141,6 +141,9 @@ class UniARGenerate(io.ComfyNode):
         api.check_size(h, w)
         api.check_sampling(cfg, temperature, seed)
         check_prompt(prompt)
+        edit_side = ((edit_tokens.ar_height, edit_tokens.ar_width) if edit_tokens is not None
+                     else (h, w) if edit_images is not None else None)  # edit images are resized to the output
+        api.check_generation(n, h, w, float(cfg), edit_side)
         components = ("llm", "gen_head") + (("vision",) if edit_images is not None else ())
         ckpt, m = mgmt.ar_model(model, components)
         grid = (h // common.TOKEN_PIXELS, w // common.TOKEN_PIXELS)

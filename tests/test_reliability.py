@@ -317,3 +317,34 @@ def test_edit_count_message_for_one_prompt():
     with pytest.raises(InputError) as e:
         api.generate(m, ck, ["x"], 64, 64, edit_tokens=tok)
     assert "give 1 or 1" not in str(e.value) and "3 images for 1 prompt(s); give 1" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- soak
+def test_soak_no_memory_growth():
+    """generate + caption + decode cycles with the models loaded: RSS flat after the warm-up (the full 50-cycle run
+    and the ComfyUI run: scripts/soak.py)."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "soak.py"), "--cycles", "12", "--json",
+                        "--model", MODEL], capture_output=True, text=True, timeout=600, preexec_fn=cap,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["growth_mb"] < 16, rep  # a model, cache or trace kept per cycle would be far more
+
+
+def test_generation_size_is_bounded_jointly(tmp_path, monkeypatch):
+    """Each side and the batch are in range, but together the KV cache would be enormous: refused up front."""
+    from uniar_backend.limits import MAX_ROW_POSITIONS, check_generation
+
+    check_generation(1, 4096, 4096, 1.5)  # the largest single image, with cfg
+    check_generation(32, 1024, 1024, 1.5)
+    with pytest.raises(InputError, match="lower batch_size or the size"):
+        check_generation(64, 4096, 4096, 1.5)
+    with pytest.raises(InputError, match=str(MAX_ROW_POSITIONS)):
+        check_generation(64, 1024, 1024, 1.5, prompt_tokens=20)  # 128 rows x 1044 positions
+    _no_loading(monkeypatch)
+    r = run_cli("generate", "--model", MODEL, "--prompt", "x", "--height", 4096, "--width", 4096, "--batch-size",
+                64, "--out", tmp_path / "o.safetensors", check=False)
+    assert r.returncode == 2 and "lower batch_size" in r.stderr

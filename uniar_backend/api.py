@@ -15,7 +15,7 @@ from . import prompting
 from .errors import InputError
 from .preprocess import prepare_edit_image, processor_patches
 from .sampling import MODES, Prefix, sample
-from .limits import TOKEN_PIXELS, check_sampling, check_seed, check_size  # noqa: F401  (re-exported)
+from .limits import TOKEN_PIXELS, check_generation, check_sampling, check_seed, check_size  # noqa: F401
 from .tokens import VisualTokens
 
 
@@ -135,6 +135,7 @@ def build_prefix(model, ckpt, prompts: Sequence[str], height: int, width: int, c
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     input_ids, attn = prompting.tokenize_left_padded(tok, texts, int(pad_id))
     R, L = input_ids.shape
+    check_generation(len(prompts), height, width, cfg, prompt_tokens=L)  # prompts and edit images included in L
     limit = max_context or mc.text.max_position_embeddings
     if L + N > limit:
         raise InputError(f"prompt ({L} tokens) + image ({N} tokens) exceed the model's context of {limit} tokens; "

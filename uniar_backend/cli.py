@@ -101,6 +101,8 @@ def run_generate(args, edit: bool = True, progress_label: str = "generate"):
     api.check_sampling(args.cfg, args.temperature, args.seed)
     check_prompt(args.prompt)
     image = getattr(args, "image", None) if edit else None
+    api.check_generation(args.batch_size, args.height, args.width, args.cfg,
+                         (args.height, args.width) if image else None)
     edit_tokens = getattr(args, "image_tokens", None) if edit else None
     edit_images = [load_image(image)] if image else None
     tokens_in = VisualTokens.load(edit_tokens) if edit_tokens else None

@@ -15,6 +15,11 @@ MAX_SEED = 2**64 - 1
 MAX_TOKEN_BATCH = 256  # token rows in one tokens value / file (Generate makes at most 64 at a time)
 MAX_LEVELS = 16  # code levels of a token (UniAR: 4 = final layer + 3 DeepStack)
 MAX_MERGE_UNIT = 16  # sub-patches of a merged token (UniAR: 4 = 2x2)
+# One generation holds a KV cache of rows x positions (rows = batch, doubled with cfg > 1; positions = prompt +
+# edit image + generated tokens): 160 KiB per row-position for the real model in bfloat16 (36 + 4 layers, 8 KV
+# heads of 128).  This cap bounds it at 20 GiB; a 4096x4096 image with cfg (2 x ~16.5 K) or a batch of 32 at 1024x1024
+# fits, 64 at 4096x4096 does not.
+MAX_ROW_POSITIONS = 1 << 17
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -52,3 +57,16 @@ def check_sampling(cfg, temperature, seed) -> None:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and 0 < temperature <= 100):
         raise InputError(f"temperature must be in (0, 100], got {temperature!r}")
     check_seed(seed)
+
+
+def check_generation(batch: int, height: int, width: int, cfg: float, edit_side: tuple[int, int] | None = None,
+                     prompt_tokens: int = 0) -> None:
+    """The KV cache a generation will hold, from its sizes alone (before any model work)."""
+    rows = batch * (2 if cfg > 1 else 1)
+    n = (height // TOKEN_PIXELS) * (width // TOKEN_PIXELS)
+    edit = (edit_side[0] // TOKEN_PIXELS) * (edit_side[1] // TOKEN_PIXELS) if edit_side else 0
+    need = rows * (prompt_tokens + edit + n)
+    if need > MAX_ROW_POSITIONS:
+        raise InputError(f"this generation needs {rows} rows x {prompt_tokens + edit + n} positions = {need} cached "
+                         f"positions, more than the {MAX_ROW_POSITIONS} allowed (about 20 GiB of cache for the real "
+                         "model); lower batch_size or the size")
