@@ -344,3 +344,50 @@ def test_live_preview_sees_the_bits_drawn_so_far(mode):
     preview.every = 5  # not a divisor of 12: the last step still shows the whole picture
     sample(m, p, 1.5, 1.0, 9, mode, preview=preview)
     assert [s.shape[1] for s in seen] == [5, 10, 12]
+
+
+# ---------------------------------------------------------------------------------------------- any layer class
+class _ComfyLikeLinear(torch.nn.Linear):
+    """The surface of ComfyUI's comfy.ops Linear that the lean step reads: ``comfy_cast_weights``, weight / bias
+    function lists and ``forward_comfy_cast_weights`` (here counting its calls; ComfyUI's fetches, casts and
+    streams the weights there)."""
+    comfy_cast_weights = False
+    weight_function = []
+    bias_function = []
+    cast_calls = 0
+
+    def forward_comfy_cast_weights(self, x):
+        type(self).cast_calls += 1
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class _ComfyLikeLayerNorm(torch.nn.LayerNorm):
+    comfy_cast_weights = False
+    weight_function = []
+    bias_function = []
+
+    def forward_comfy_cast_weights(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+@pytest.mark.parametrize("casting", [False, True])
+def test_lean_step_under_comfy_like_layers(casting):
+    """ComfyUI-style layers take the lean path (no module forward per step), resident or casting, same tokens."""
+    from types import SimpleNamespace
+
+    from uniar_backend.bench import ModuleCalls, with_layers
+
+    plain = _tiny(seed=4)
+    ops = SimpleNamespace(Linear=_ComfyLikeLinear, LayerNorm=_ComfyLikeLayerNorm)
+    comfy = with_layers(plain, ops)
+    for m in comfy.modules():
+        if hasattr(m, "comfy_cast_weights"):
+            m.comfy_cast_weights = casting
+    p = make_prefix(plain, 3, 4, prompt_len=10, uncond_len=6)
+    counter, marks = ModuleCalls(comfy), []
+    _ComfyLikeLinear.cast_calls = 0
+    got = sample(comfy, p, 1.5, 1.0, 5, "fast", callback=lambda i, n: marks.append(counter.count))
+    counter.close()
+    assert torch.equal(got, sample(plain, p, 1.5, 1.0, 5, "fast"))
+    assert marks[-1] - marks[0] == 0  # steps 2..N: every layer call through the lean path
+    assert (_ComfyLikeLinear.cast_calls > 0) == casting

@@ -4,6 +4,7 @@
     python -m uniar_backend.bench --steps 900 --repeats 1
     python -m uniar_backend.bench --json           # one JSON object per run + a summary line
     python -m uniar_backend.bench --real-size      # GPU: real UniAR sizes, bf16 (bandwidth / matmul ceilings, DiT)
+    PYTHONPATH=<ComfyUI> <ComfyUI python> -m uniar_backend.bench --ops comfy --json   # plain vs ComfyUI layers
 
 Proportionate config (CPU): the real model's proportions scaled down, random weights (``synthetic``): LLM : stack
 depth 18 : 2, hidden 256, 8 heads of 32 (GQA 4:1), MLP 768, bsq_dim 64, 4 levels, 2x2 merge, one prompt with CFG
@@ -213,6 +214,90 @@ def run_ab(args) -> dict:
             f"{summary['fast_last32_over_first32']:.2f}; reference last32/first32 "
             f"{last['reference'] / first['reference']:.2f}; tokens identical: {identical}")
     _emit(args, summary, text)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- layer classes
+def comfy_layers(device: torch.device):
+    """ComfyUI's layer namespace (``comfy.ops.disable_weight_init``), or an error saying how to make it importable.
+    Outside a ComfyUI process its device choice is made here (``--cpu`` for a CPU run, as ComfyUI's own flag)."""
+    try:
+        import comfy.cli_args
+
+        if device.type == "cpu":
+            comfy.cli_args.args.cpu = True
+        import comfy.ops
+    except ImportError as e:
+        raise SystemExit(f"--ops comfy needs ComfyUI importable ({e}); run with ComfyUI's interpreter and "
+                         "PYTHONPATH=<ComfyUI folder>") from None
+    return comfy.ops.disable_weight_init
+
+
+def with_layers(model, ops):
+    """The same model (same tensors) built from another layer namespace."""
+    from .checkpoint import build_on_meta
+    from .modeling.uniar import UniARModel
+
+    twin, _ = build_on_meta(lambda o: UniARModel(model.cfg, model.components, ops=o, dtype=model.dtype), ops)
+    twin.load_state_dict(model.state_dict(), strict=True, assign=True)
+    twin.attention, twin.fingerprint = model.attention, model.fingerprint
+    return twin.eval().requires_grad_(False)
+
+
+class ModuleCalls:
+    """Counts calls of layer modules (Linear, LayerNorm, Embedding and subclasses) through their own forward."""
+
+    def __init__(self, model):
+        kinds = (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Embedding)
+        self.count = 0
+        self.handles = [m.register_forward_pre_hook(self._hook) for m in model.modules() if isinstance(m, kinds)]
+
+    def _hook(self, *_):
+        self.count += 1
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def run_ops(args) -> dict:
+    """Fast sampler, plain torch layers vs ComfyUI's layers, same weights, interleaved; per AR step: time and the
+    layer calls that went through a module's forward instead of the lean path (prefill excluded)."""
+    dev = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    cfg = synthetic.proportionate_config() if not args.tiny else synthetic.make_config(
+        hidden=64, layers=4, stack_depth=2, heads=4, kv_heads=2, head_dim=16, intermediate=192, vocab=704, bsq_dim=64)
+    plain = synthetic.random_model(cfg, ("llm", "vision", "gen_head"), dev, dtype, seed=args.seed)
+    models = {"torch": plain, "comfy": with_layers(plain, comfy_layers(dev))}
+    rows, cols = grid_for(args.steps)
+    prefix = make_prefix(plain, rows, cols, seed=args.seed)
+    warm = make_prefix(plain, *grid_for(min(args.steps, 16)), seed=args.seed)
+    for m in models.values():
+        timed_run(m, warm, "fast", seed=args.seed)
+    calls = {}
+    for name, m in models.items():  # layer calls per step, steps 2..N (step 1 carries the prefill)
+        counter, marks = ModuleCalls(m), []
+        sample(m, prefix, 1.5, 1.0, args.seed, "fast", callback=lambda i, n, c=counter: marks.append(c.count))
+        counter.close()
+        calls[name] = (marks[-1] - marks[0]) / max(1, len(marks) - 1)
+    times = {k: [] for k in models}
+    bits = {}
+    for r in range(args.repeats):
+        for name in (("torch", "comfy") if r % 2 == 0 else ("comfy", "torch")):
+            b, marks, total, _ = timed_run(models[name], prefix, "fast", seed=args.seed)
+            bits.setdefault(name, b)
+            times[name].append((marks[-1] - marks[0]) / max(1, len(marks) - 1) * 1000)
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    summary = {"summary": True, "ops": "comfy", "steps": args.steps, "ms_per_step": {k: round(v, 4) for k, v in
+                                                                                     ms.items()},
+               "ops_ratio": round(ms["torch"] / ms["comfy"], 3),
+               "tokens_identical": bool(torch.equal(bits["torch"], bits["comfy"])),
+               "module_calls": round(calls["comfy"], 2), "module_calls_torch": round(calls["torch"], 2),
+               "repeats": args.repeats, "device": str(dev), "machine": machine()}
+    _emit(args, summary, f"ops comfy N={args.steps}: ms/step torch {ms['torch']:.3f}, comfy {ms['comfy']:.3f}; "
+                         f"ops_ratio {summary['ops_ratio']:.3f}; module calls per step through forward: comfy "
+                         f"{summary['module_calls']:g}, torch {summary['module_calls_torch']:g}; tokens identical: "
+                         f"{summary['tokens_identical']}")
     return summary
 
 
@@ -439,6 +524,10 @@ def parse_args(argv=None):
     p.add_argument("--ar-steps", type=int, default=256, help="--real-size: AR steps (default 256 = 512x512)")
     p.add_argument("--ref-steps", type=int, default=64, help="--real-size: steps of the reference run")
     p.add_argument("--decode-steps", type=int, default=28, help="--real-size: DiT steps in the end-to-end sum")
+    p.add_argument("--ops", choices=("torch", "comfy"), default="torch",
+                   help="comfy: the fast sampler with plain torch layers against the same model built from "
+                        "ComfyUI's comfy.ops.disable_weight_init layers (ComfyUI importable, e.g. PYTHONPATH=<ComfyUI> "
+                        "with its interpreter); reports ops_ratio and module_calls per AR step")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: a very small model
     p.add_argument("--shrink", type=int, default=1, help=argparse.SUPPRESS)  # tests: real-size phases, shrunk
     a = p.parse_args(argv)
@@ -458,6 +547,9 @@ def main(argv=None):
             print("--real-size needs a CUDA GPU (this machine has none); nothing measured", file=sys.stderr)
             return 2
         return 0 if run_real(args) else 1
+    if args.ops == "comfy":
+        run_ops(args)
+        return 0
     run_ab(args)
     return 0
 

@@ -137,9 +137,45 @@ def set_fast_options(**kw) -> dict:
     return old
 
 
+def _casts(mod) -> bool:
+    """Whether a layer fetches / casts its weights per call: ComfyUI's layers (``comfy.ops``) while their weights are
+    streamed or cast (``comfy_cast_weights``, weight / bias functions such as LoRA patches); plain torch layers
+    never do."""
+    return bool(getattr(mod, "comfy_cast_weights", False) or getattr(mod, "weight_function", None)
+                or getattr(mod, "bias_function", None))
+
+
+def linear_call(mod):
+    """The fastest exact call of a Linear layer, chosen by what the layer offers, not by its exact class: a layer
+    whose weights are resident (plain ``nn.Linear``, ComfyUI's ``disable_weight_init`` / ``manual_cast`` layers when
+    not casting) is ``F.linear(x, w, b)`` -- what its forward computes, without the module call; a layer that casts or
+    streams its weights goes through its own cast path (``forward_comfy_cast_weights``: ComfyUI's transfer, LoRA
+    and quantised weights, without the module call).  Anything else: the layer itself."""
+    if isinstance(mod, torch.nn.Linear) and (type(mod) is torch.nn.Linear or hasattr(mod, "comfy_cast_weights")):
+        if not _casts(mod):
+            w, b = mod.weight, mod.bias
+            return lambda x: F.linear(x, w, b)
+        fast = getattr(mod, "forward_comfy_cast_weights", None)
+        if callable(fast):
+            return fast
+    return mod
+
+
+def layer_norm_call(mod):
+    """:func:`linear_call` for LayerNorm: ``F.layer_norm`` with the layer's resident weights, the layer's cast
+    path while it casts, else the layer."""
+    if isinstance(mod, torch.nn.LayerNorm) and (type(mod) is torch.nn.LayerNorm or hasattr(mod, "comfy_cast_weights")):
+        if not _casts(mod):
+            shape, w, b, eps = mod.normalized_shape, mod.weight, mod.bias, mod.eps
+            return lambda x: F.layer_norm(x, shape, w, b, eps)
+        fast = getattr(mod, "forward_comfy_cast_weights", None)
+        if callable(fast):
+            return fast
+    return mod
+
+
 def _linear_fn(mod, min_rows: int = 0):
-    """A plain ``nn.Linear`` is called as ``F.linear(x, w, b)`` (same kernel, no module-call overhead); any other
-    layer class (e.g. ComfyUI's casting / weight-streaming ops) through its own ``forward``.
+    """:func:`linear_call`, optionally with padded rows.
 
     ``min_rows``: pad the rows of a single-position step with zero rows up to this count.  BLAS picks its
     matrix-vector kernel for very few rows and its matrix-matrix kernel otherwise; the two round differently,
@@ -147,18 +183,16 @@ def _linear_fn(mod, min_rows: int = 0):
     stack's step to the matrix-matrix kernel keeps its results closer to the reference's (bitwise for most
     rows on x86 MKL), which makes token flips between the modes rarer.  Rows are independent, so padding
     changes nothing else."""
-    if type(mod) is torch.nn.Linear:
-        w, b = mod.weight, mod.bias
-        if min_rows > 1:
-            def padded(x):
-                r = x.shape[0]
-                if r >= min_rows:
-                    return F.linear(x, w, b)
-                xp = torch.cat([x, x.new_zeros((min_rows - r,) + tuple(x.shape[1:]))])
-                return F.linear(xp, w, b)[:r]
-            return padded
-        return lambda x: F.linear(x, w, b)
-    return mod
+    f = linear_call(mod)
+    if min_rows > 1:
+        def padded(x):
+            r = x.shape[0]
+            if r >= min_rows:
+                return f(x)
+            xp = torch.cat([x, x.new_zeros((min_rows - r,) + tuple(x.shape[1:]))])
+            return f(xp)[:r]
+        return padded
+    return f
 
 
 def _rms_fn(norm, rows: int | None = None, second=None):
@@ -262,10 +296,21 @@ class _Steps:
         return x
 
 
+def _head_fn(head):
+    """``VistokHead.forward`` (``output_layer_vistok``, all three variants) as lean calls."""
+    if head.variant == "linear":
+        return linear_call(head.seq)
+    norm, fc = _rms_fn(head.seq[0]), linear_call(head.seq[1])
+    if head.variant == "layernorm":
+        return lambda x: fc(norm(x))
+    out = linear_call(head.seq[3])
+    return lambda x: out(F.gelu(fc(norm(x)), approximate="tanh"))
+
+
 class _Features:
     """Sampled bits (R, levels, unit, d) -> (main (R, D), [DeepStack (R, D)]): ``VisionTower.bits_to_features``
-    with its layers called directly (same kernels and order, bitwise equal; the per-call module overhead is a
-    large share of this small computation).  Falls back to ``bits_to_features`` for non-torch layer classes."""
+    with its layers called through :func:`linear_call` / :func:`layer_norm_call` (same kernels and order, bitwise
+    equal; the per-call module overhead is a large share of this small computation), whatever the layer class."""
 
     def __init__(self, visual):
         from .modeling.vision import _level_name
@@ -273,37 +318,32 @@ class _Features:
         self.visual = visual
         cfg = visual.cfg
         self.cfg = cfg
-        mods = [getattr(visual, _level_name("output", lv)) for lv in range(cfg.levels)]
-        mods += [visual.merger, *visual.deepstack_merger_list]
-        self.plain = all(type(m.linear_fc1) is torch.nn.Linear and type(m.linear_fc2) is torch.nn.Linear
-                         and type(m.norm) is torch.nn.LayerNorm for m in mods)
-        self.levels = mods[: cfg.levels]
-        self.merger = visual.merger
-        self.deep = list(visual.deepstack_merger_list)
+        self.levels = [self._mlp_fn(getattr(visual, _level_name("output", lv))) for lv in range(cfg.levels)]
+        self.merger = self._mlp_fn(visual.merger)
+        self.deep = [self._mlp_fn(m) for m in visual.deepstack_merger_list]
+        self.merger_norm = layer_norm_call(visual.merger.norm)
+        self.code_dtype = getattr(visual, _level_name("output", 0)).linear_fc1.weight.dtype
 
     @staticmethod
-    def _mlp(m, x):
-        n = m.norm
-        x = F.layer_norm(x.reshape(-1, n.normalized_shape[0]), n.normalized_shape, n.weight, n.bias, n.eps)
-        x = F.linear(x.reshape(-1, m.in_dim), m.linear_fc1.weight, m.linear_fc1.bias)
-        return F.linear(F.gelu(x), m.linear_fc2.weight, m.linear_fc2.bias)
+    def _mlp_fn(m):
+        """``ProjMLP.forward`` as three lean calls."""
+        norm, fc1, fc2 = layer_norm_call(m.norm), linear_call(m.linear_fc1), linear_call(m.linear_fc2)
+        width, in_dim = m.norm.normalized_shape[0], m.in_dim
+        return lambda x: fc2(F.gelu(fc1(norm(x.reshape(-1, width)).reshape(-1, in_dim))))
 
     def __call__(self, bits):
-        if not self.plain:
-            return self.visual.bits_to_features(bits)
         cfg = self.cfg
         bits = bits.reshape(-1, cfg.levels, cfg.merge_unit, cfg.bsq_dim)
-        codes = bsq.bits_to_codes(bits, cfg.bsq_dim, self.levels[0].linear_fc1.weight.dtype)
+        codes = bsq.bits_to_codes(bits, cfg.bsq_dim, self.code_dtype)
         main, deep = None, []
-        mn = self.merger.norm
         for lv in range(cfg.levels):
-            hs = self._mlp(self.levels[lv], codes[:, lv])
+            hs = self.levels[lv](codes[:, lv])
             if lv == 0:
-                main = self._mlp(self.merger, hs)
+                main = self.merger(hs)
             else:
                 if cfg.bsq_skip_final_layernorm:
-                    hs = F.layer_norm(hs, mn.normalized_shape, mn.weight, mn.bias, mn.eps)
-                deep.append(self._mlp(self.deep[lv - 1], hs))
+                    hs = self.merger_norm(hs)
+                deep.append(self.deep[lv - 1](hs))
         return main, deep
 
 
@@ -347,7 +387,9 @@ def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=Non
     tc = model.cfg.text
     dev, dt = c.device, c.dtype
     total = L + N
-    static = bool(FAST_OPTIONS.get("cuda_graph")) and dev.type == "cuda"
+    # a CUDA graph replays fixed device work: not for layers that fetch / cast their weights per call
+    static = bool(FAST_OPTIONS.get("cuda_graph")) and dev.type == "cuda" and not any(
+        _casts(m) for m in model.modules())
     alloc = torch.zeros if static else torch.empty  # static steps attend over the whole (zeroed) capacity
     llm_cache = KVCache(tc.num_hidden_layers, R, tc.num_key_value_heads, tc.head_dim, total, dev, dt)
     stack_cache = KVCache(len(c.stack), R, tc.num_key_value_heads, tc.head_dim, total, dev, dt)
@@ -377,7 +419,7 @@ def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=Non
     stack = _Steps(c.stack, stack_cache, STACK_MIN_ROWS if dev.type == "cpu" else 0, grouped=gpu)
     sampler = _Sampler(R, c.shape, cfg, c.use_cfg, temperature, generator, dev, logits.dtype)
     features = _Features(c.visual)
-    head = c.head
+    head = _head_fn(c.head)
 
     def network(bits, cos_i, sin_i, pos, mask, static_mode=False):
         main, deep = features(bits)
