@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     from PIL import Image
 
     common = importlib.import_module(name + ".nodes.common")
-    bench = importlib.import_module(name + ".uniar_backend.bench")
-    synthetic = importlib.import_module(name + ".uniar_backend.synthetic")
+    bench = importlib.import_module(name + ".uniar_backend.tools.bench")
+    synthetic = importlib.import_module(name + ".uniar_backend.tools.synthetic")
     sampling = importlib.import_module(name + ".uniar_backend.sampling")
 
     torch.set_num_threads(1)

@@ -45,7 +45,7 @@ def test_bench_text_output_two_repeats():
 
 
 def test_bench_in_process_helpers():
-    from uniar_backend import bench
+    from uniar_backend.tools import bench
 
     a = bench.parse_args(["--steps", "12"])
     assert a.steps == 12 and a.repeats == 3 and a.device == "cpu" and not a.json
@@ -57,7 +57,7 @@ def test_bench_in_process_helpers():
 def test_real_size_refuses_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    from uniar_backend import bench
+    from uniar_backend.tools import bench
 
     assert bench.main(["--real-size"]) == 2
 

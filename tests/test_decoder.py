@@ -357,22 +357,22 @@ def _decode_argv(ckpt, tokens, m, cache, out):
 
 
 def test_cli_decode_in_process(tmp_path, cache_dir, capsys):
-    from uniar_backend import cli_decode
+    from uniar_backend import cli
 
     tokens, m, png = _tokens_file(tmp_path, "uniar-tiny-bsq64", "d4_decode_c1_x2")
     out = str(tmp_path / "img.png")
-    assert cli_decode.main(_decode_argv("uniar-tiny-bsq64", tokens, m, cache_dir, out)) == 0
+    assert cli.main(_decode_argv("uniar-tiny-bsq64", tokens, m, cache_dir, out)) == 0
     assert capsys.readouterr().out.strip() == out
     assert maxdiff(np.array(Image.open(out)), png) <= 1
     # errors: one line on stderr, exit status 2, nothing written
     bad = _decode_argv("uniar-tiny", tokens, m, cache_dir, str(tmp_path / "bad.png"))
-    assert cli_decode.main(bad) == 2
+    assert cli.main(bad) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "incompatible model" in err and "\n" not in err
     assert not os.path.exists(tmp_path / "bad.png")
     argv = _decode_argv("uniar-tiny-bsq64", tokens, m, cache_dir, str(tmp_path / "bad.png"))
     argv[argv.index("--upsampling-ratio") + 1] = "3"
-    assert cli_decode.main(argv) == 2 and "upsampling_ratio" in capsys.readouterr().err
+    assert cli.main(argv) == 2 and "upsampling_ratio" in capsys.readouterr().err
 
 
 def _run(args, tmp_path):
@@ -387,7 +387,7 @@ def test_cli_decode_subprocess(tmp_path, cache_dir):
     tokens, m, png = _tokens_file(tmp_path, "uniar-tiny", "d2_decode_b3_x1")
     out = str(tmp_path / "img.png")
     argv = _decode_argv("uniar-tiny", tokens, m, cache_dir, out)
-    code = ("import sys, uniar_backend.decoder, uniar_backend.cli_decode as c\n"
+    code = ("import sys, uniar_backend.decoder, uniar_backend.cli as c\n"
             "heavy = sorted(m for m in ('diffusers', 'transformers') if m in sys.modules)\n"
             "assert not heavy, heavy\n"
             f"sys.exit(c.main({argv!r}))")
@@ -410,21 +410,21 @@ def test_main_cli_decode(tmp_path, cache_dir):
 
 def test_cli_t2i(tmp_path, cache_dir, capsys):
     pytest.importorskip("uniar_backend.api")
-    from uniar_backend import cli_decode
+    from uniar_backend import cli
 
     out = str(tmp_path / "t2i.png")
     toks = str(tmp_path / "t2i_tokens.safetensors")
     argv = ["t2i", "--model", os.path.join(FIXTURES, "uniar-tiny"), "--prompt", "A red cube.", "--height", "64",
             "--width", "96", "--seed", "3", "--steps", "2", "--upsampling-ratio", "1.5", "--batch-size", "2",
             "--cache-dir", cache_dir, "--save-tokens", toks, "--out", out, "--device", "cpu", "--dtype", "float32"]
-    assert cli_decode.main(argv) == 0, capsys.readouterr().err
+    assert cli.main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out.split()
     assert [os.path.basename(p) for p in printed] == ["t2i_00000.png", "t2i_00001.png"]
     assert Image.open(printed[0]).size == (144, 96)
     assert VisualTokens.load(toks).indices.shape == (2, 6, 4, 4)
     # decode-side arguments are checked before the AR model runs
     argv[argv.index("--upsampling-ratio") + 1] = "1.1"
-    assert cli_decode.main(argv) == 2 and "multiples of 16" in capsys.readouterr().err
+    assert cli.main(argv) == 2 and "multiples of 16" in capsys.readouterr().err
 
 
 def test_errors_are_uniar_errors():

@@ -1,6 +1,6 @@
 """Fast sampler vs reference loop: identical tokens, first-step logits within 1e-5, the goldens reproduced.
 
-Random tiny models come from ``uniar_backend.synthetic`` (no files); the goldens from the shared fixtures
+Random tiny models come from ``uniar_backend.tools.synthetic`` (no files); the goldens from the shared fixtures
 (skipped when the fixtures are not present)."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uniar_backend import sampling, synthetic
-from uniar_backend.bench import grid_for, make_prefix
+from uniar_backend import sampling
+from uniar_backend.tools import synthetic
+from uniar_backend.tools.bench import grid_for, make_prefix
 from uniar_backend.modeling.layers import RMSNorm
 from uniar_backend.sampling import Prefix, sample
 
@@ -375,7 +376,7 @@ def test_lean_step_under_comfy_like_layers(casting):
     """ComfyUI-style layers take the lean path (no module forward per step), resident or casting, same tokens."""
     from types import SimpleNamespace
 
-    from uniar_backend.bench import ModuleCalls, with_layers
+    from uniar_backend.tools.bench import ModuleCalls, with_layers
 
     plain = _tiny(seed=4)
     ops = SimpleNamespace(Linear=_ComfyLikeLinear, LayerNorm=_ComfyLikeLayerNorm)

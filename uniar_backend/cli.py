@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 
+from .cli_common import add_generate_args, load_components, run_generate, terminal_progress
 from .errors import UniARError
 from .limits import ATTENTION_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES
 
@@ -21,14 +22,6 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                    help="attention kernel (auto: flash_attention_2 when importable on CUDA, else sdpa)")
     return p
-
-
-def _load(args, components):
-    from .loader import Checkpoint
-
-    ckpt = Checkpoint(args.model)
-    model = ckpt.load_ar(components=components, device=args.device, dtype=args.dtype, attention=args.attention)
-    return ckpt, model
 
 
 TOKEN_SUFFIXES = (".safetensors",)
@@ -72,68 +65,12 @@ def read_text_file(path: str, what: str) -> str:
         raise InputError(f"{what} {path} is not UTF-8 text") from None
 
 
-def add_generate_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text prompt ('' gives an unconditional sample)")
-    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file (for long prompts)")
-    p.add_argument("--height", type=int, required=True, help="AR image height in pixels (multiple of 32)")
-    p.add_argument("--width", type=int, required=True, help="AR image width in pixels (multiple of 32)")
-    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per prompt (default 1)")
-    p.add_argument("--mode", default="fast", choices=("fast", "reference"),
-                   help="sampler: fast (default) or the reference loop (same tokens, slower)")
-
-
-def run_generate(args, edit: bool = True, progress_label: str = "generate"):
-    """Validate, load only the components needed, generate; the model is freed when this returns."""
-    from . import api
-    from .errors import InputError
-    from .preprocess import load_image
-    from .tokens import VisualTokens
-
-    from .prompting import check_prompt
-
-    if not 1 <= args.batch_size <= 64:
-        raise InputError(f"--batch-size must be in 1..64, got {args.batch_size}")
-    api.check_size(args.height, args.width)
-    api.check_sampling(args.cfg, args.temperature, args.seed)
-    check_prompt(args.prompt)
-    image = getattr(args, "image", None) if edit else None
-    api.check_generation(args.batch_size, args.height, args.width, args.cfg,
-                         (args.height, args.width) if image else None)
-    edit_tokens = getattr(args, "image_tokens", None) if edit else None
-    edit_images = [load_image(image)] if image else None
-    tokens_in = VisualTokens.load(edit_tokens) if edit_tokens else None
-    components = ("llm", "gen_head") + (("vision",) if edit_images else ())
-    ckpt, model = _load(args, components)
-    progress = _progress(progress_label)
-    return api.generate(model, ckpt, [args.prompt] * args.batch_size, args.height, args.width, cfg=args.cfg,
-                        temperature=args.temperature, seed=args.seed, edit_images=edit_images,
-                        edit_tokens=tokens_in, mode=args.mode, callback=progress)
-
-
-def _progress(label):
-    """A progress callback printing to a terminal's stderr (None when stderr is not a terminal)."""
-    if not sys.stderr.isatty():
-        return None
-
-    def cb(i, n):
-        sys.stderr.write(f"\r{label}: {i}/{n}")
-        if i == n:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return cb
-
-
 def cmd_tokenize(args):
     from . import api
     from .preprocess import load_image
 
     image = load_image(args.image)
-    ckpt, model = _load(args, ("vision",))
+    ckpt, model = load_components(args, ("vision",))
     tokens = api.encode_image(model, ckpt, image)
     tokens.save(args.out)
     print(f"{args.out}: {tokens.batch_size} x {tokens.indices.shape[1]} tokens "
@@ -157,7 +94,7 @@ def cmd_caption(args):
     image = load_image(args.image) if args.image else None
     tokens = VisualTokens.load(args.tokens) if args.tokens else None
     components = ("llm", "lm_head") + (("vision",) if image is not None else ())
-    ckpt, model = _load(args, components)
+    ckpt, model = load_components(args, components)
     answers = api.caption(model, ckpt, args.question, image=image, tokens=tokens, max_new_tokens=args.max_new_tokens,
                           do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed)
@@ -179,7 +116,7 @@ def cmd_download(args):
             print(f"{f.size:>14,d}  {f.path}")
         print(f"{len(files)} files, {sum(f.size for f in files) / 1e9:.2f} GB")
         return 0
-    cb = _progress("download")
+    cb = terminal_progress("download")
     summary = download.download(args.repo, args.out, args.revision, verify=args.verify,
                                 progress=(lambda d, t: cb(d >> 20, t >> 20)) if cb else None)
     print(f"{args.out}: {summary['files']} files, {summary['bytes'] / 1e9:.2f} GB ({summary['fetched']} fetched, "

@@ -3,16 +3,15 @@
 The main CLI (``python -m uniar_backend``) calls :func:`register` with its sub-parsers and a parent parser that
 carries ``--device/--dtype/--attention``; each sub-command stores its handler as ``func`` (``args.func(args)``
 returns the exit status).  Errors are :class:`~uniar_backend.errors.UniARError` subclasses with a one-line
-message; :func:`main` (``python -m uniar_backend.cli_decode ...``) prints them on stderr and exits with 2.
+message, which the main CLI prints on stderr (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import sys
 
-from .cli import _progress, add_generate_args, run_generate
+from .cli_common import add_generate_args, run_generate, terminal_progress
 
 DEFAULTS = {"steps": 28, "guidance": 1.5, "upsampling_ratio": 1.0, "seed": 0}
 
@@ -76,7 +75,7 @@ def _decode_and_save(model_dir: str, tokens, args, seed: int) -> list[str]:
     dec = load_decoder(model_dir, device=args.device, dtype=args.dtype, attention=args.attention,
                        cache_dir=args.cache_dir, decoder_prompt=args.decoder_prompt)
     images = dec.decode(tokens, steps=args.steps, guidance=args.guidance, upsampling_ratio=args.upsampling_ratio,
-                        seed=seed, decoder_prompt=args.decoder_prompt, callback=_progress("decode step"))
+                        seed=seed, decoder_prompt=args.decoder_prompt, callback=terminal_progress("decode step"))
     meta = {"uniar": f"steps={args.steps} guidance={args.guidance} upsampling_ratio={args.upsampling_ratio} "
                      f"seed={seed}"}
     return save_images(images, args.out, metadata=meta)
@@ -114,15 +113,3 @@ def _empty_device_cache() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------------- standalone
-def main(argv=None) -> int:
-    """``python -m uniar_backend.cli_decode decode|t2i ...``: the same as ``python -m uniar_backend``."""
-    from .cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,11 +29,9 @@ from typing import Iterable
 
 import torch
 
-from . import bsq
-from .config import UniARConfig
-from .modeling.uniar import COMPONENTS, UniARModel
-
-DEFAULT_SOURCE = os.environ.get("UNIAR_FIXTURE_SOURCE", "/work/shared/fixtures/uniar-tiny-bsq64")
+from .. import bsq
+from ..config import UniARConfig
+from ..modeling.uniar import COMPONENTS, UniARModel
 
 # Files of an AR checkpoint folder that are not weights (copied from the source folder when present).
 SIDE_FILES = (
@@ -235,7 +233,7 @@ def _shard(keys: list[str], sizes: dict[str, int], shards: int) -> list[list[str
 
 def write_checkpoint(folder: str, cfg: UniARConfig | dict | None = None, seed: int = 0, shards: int = 1,
                      dtype: torch.dtype = torch.float32, head_variant: str | None = "layernorm",
-                     source: str | None = DEFAULT_SOURCE, bsq_encoder: bool = True) -> str:
+                     source: str | None = None, bsq_encoder: bool = True) -> str:
     """Write a complete AR checkpoint folder with random weights; returns ``folder``.
 
     ``cfg``: a :class:`UniARConfig`, a config dict (``config_dict()``), or None for the tiny fixture sizes.
