@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from . import common
+from ..uniar_backend.limits import MAX_SEED
 from .compat import UniARModel, UniARTokens
 
 DEFAULT_QUESTION = "Describe this image in detail."
@@ -39,7 +39,7 @@ class UniARCaption(io.ComfyNode):
                                        "mass; 1 = off (only with do_sample)."),
                 io.Int.Input("top_k", default=0, min=0, max=1000,
                              tooltip="Keep only the k most likely tokens; 0 = off (only with do_sample)."),
-                io.Int.Input("seed", default=0, min=0, max=common.MAX_SEED, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Seed for sampling (ignored by greedy decoding)."),
             ],
             outputs=[io.String.Output(display_name="text",
@@ -53,14 +53,14 @@ class UniARCaption(io.ComfyNode):
         from ..uniar_backend import api
         from ..uniar_backend.errors import InputError
         from . import model_management as mgmt
-        from .generate import _rgb_list
+        from .images import rgb_list
 
         if (image is None) == (tokens is None):
             raise InputError("UniAR Caption needs exactly one input: connect an image or visual tokens")
         from ..uniar_backend.prompting import check_prompt
 
         check_prompt(question, "question")  # before anything loads
-        images = _rgb_list(image) if image is not None else None
+        images = rgb_list(image) if image is not None else None
         components = ("llm", "lm_head") + (("vision",) if images is not None else ())
         ckpt, m = mgmt.ar_model(model, components)
         rows = len(images) if images is not None else tokens.batch_size
@@ -75,5 +75,12 @@ class UniARCaption(io.ComfyNode):
                                        **kw)
         else:
             answers = api.caption(m, ckpt, question, tokens=tokens, callback=cb, **kw)
-        text = common.join_answers(answers)
+        text = join_answers(answers)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+def join_answers(answers: list[str]) -> str:
+    """One STRING for a batch of answers: the answer itself for one image, numbered paragraphs for several."""
+    if len(answers) == 1:
+        return answers[0]
+    return "\n\n".join(f"[{i}] {a}" for i, a in enumerate(answers))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from . import common
+from ..uniar_backend.limits import MAX_SEED
 from .compat import UniARModel, UniARTokens, advanced
 
 
@@ -29,7 +29,7 @@ class UniARDecode(io.ComfyNode):
                                tooltip=("Output size = token image size x this ratio, 1..2 (e.g. 512x512 tokens at "
                                         "2.0 give a 1024x1024 image, through the decoder's super-resolution path); "
                                         "both output sides must come out as multiples of 16.")),
-                io.Int.Input("seed", default=0, min=0, max=common.MAX_SEED, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Seed of the decoder's starting noise. Same seed and tokens, same image."),
                 advanced(io.String.Input, "decoder_prompt", multiline=True, default="", optional=True,
                          tooltip=("Optional text for the decoder's text encoders; empty (the default, as in "

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from . import common
+from . import bit_preview, sizes
 from .compat import UniARModel, UniARTokens, advanced
+from .images import rgb_list
 
 MODEL_IN_TIP = "The UniAR model from the UniAR Model Loader."
 TOKENS_OUT_TIP = ("UniAR visual tokens: 32x32-pixel units of binary codes (final layer + DeepStack levels). "
@@ -16,15 +17,6 @@ def _input_error(msg: str):
     from ..uniar_backend.errors import InputError
 
     return InputError(msg)
-
-
-def _rgb_list(image) -> list:
-    """ComfyUI IMAGE [B, H, W, C] -> list of [H, W, 3] float tensors on the CPU."""
-    if image.dim() == 3:
-        image = image[None]
-    if image.dim() != 4 or image.shape[-1] < 3:
-        raise _input_error(f"expected an IMAGE [batch, height, width, channels], got shape {list(image.shape)}")
-    return [image[i, ..., :3].float().cpu() for i in range(image.shape[0])]
 
 
 class UniAREncodeImage(io.ComfyNode):
@@ -50,7 +42,7 @@ class UniAREncodeImage(io.ComfyNode):
         from ..uniar_backend.tokens import VisualTokens
         from . import model_management as mgmt
 
-        images = _rgb_list(image)
+        images = rgb_list(image)
         ckpt, m = mgmt.ar_model(model, ("vision",))
         cb = mgmt.progress_callback(len(images))
         out = []
@@ -76,23 +68,23 @@ class UniARGenerate(io.ComfyNode):
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip=("What to draw, or for an edit what to change. An empty prompt gives an "
                                          "unconditional sample.")),
-                io.Combo.Input("aspect_ratio", options=list(common.ASPECT_CHOICES), default=common.ASPECT_CUSTOM,
+                io.Combo.Input("aspect_ratio", options=list(sizes.ASPECT_CHOICES), default=sizes.ASPECT_CUSTOM,
                                tooltip=("custom: use width x height as given. A ratio (e.g. 16:9): that shape "
                                         "with about width x height pixels, sides rounded to 32. match edit "
                                         "input: the size of the edit tokens, or the edit image's shape at about "
                                         "width x height pixels.")),
-                io.Int.Input("width", default=512, min=common.MIN_SIDE, max=common.MAX_SIDE, step=32,
+                io.Int.Input("width", default=512, min=sizes.MIN_SIDE, max=sizes.MAX_SIDE, step=32,
                              tooltip="Image width in pixels (multiple of 32; one token per 32x32 pixels)."),
-                io.Int.Input("height", default=512, min=common.MIN_SIDE, max=common.MAX_SIDE, step=32,
+                io.Int.Input("height", default=512, min=sizes.MIN_SIDE, max=sizes.MAX_SIDE, step=32,
                              tooltip="Image height in pixels (multiple of 32). Steps = (width/32) x (height/32)."),
                 io.Float.Input("cfg", default=1.5, min=0.0, max=20.0, step=0.1, round=0.01,
                                tooltip=("Classifier-free guidance: > 1 follows the prompt more closely (runs an "
                                         "extra empty-prompt row), 1 = no guidance (half the work).")),
                 io.Float.Input("temperature", default=1.0, min=0.01, max=5.0, step=0.05, round=0.01,
                                tooltip="Sampling temperature of the token bits: lower = safer, higher = more varied."),
-                io.Int.Input("seed", default=0, min=0, max=common.MAX_SEED, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=sizes.MAX_SEED, control_after_generate=True,
                              tooltip="Random seed. The same seed and inputs give the same tokens (as the CLI)."),
-                io.Int.Input("batch_size", default=1, min=1, max=common.MAX_BATCH,
+                io.Int.Input("batch_size", default=1, min=1, max=sizes.MAX_BATCH,
                              tooltip=("Images to generate for the prompt (one seed for the batch, as the CLI "
                                       "--batch-size). With several edit images: 1 = one output per edit image.")),
                 io.Image.Input("edit_image", optional=True,
@@ -117,11 +109,11 @@ class UniARGenerate(io.ComfyNode):
 
         if edit_image is not None and edit_tokens is not None:
             raise _input_error("connect either edit_image or edit_tokens, not both")
-        edit_images = _rgb_list(edit_image) if edit_image is not None else None
+        edit_images = rgb_list(edit_image) if edit_image is not None else None
         n_edit = len(edit_images) if edit_images is not None else (
             edit_tokens.batch_size if edit_tokens is not None else None)
         try:
-            n = common.pair_batch(int(batch_size), n_edit)
+            n = sizes.pair_batch(int(batch_size), n_edit)
         except ValueError as e:
             raise _input_error(str(e)) from None
         match = None
@@ -129,11 +121,11 @@ class UniARGenerate(io.ComfyNode):
             match = (edit_tokens.ar_width, edit_tokens.ar_height)
         elif edit_images is not None:
             match = (int(edit_images[0].shape[1]), int(edit_images[0].shape[0]))
-        if aspect_ratio == common.ASPECT_MATCH and edit_tokens is not None:
+        if aspect_ratio == sizes.ASPECT_MATCH and edit_tokens is not None:
             w, h = match
         else:
             try:
-                w, h = common.resolve_size(aspect_ratio, int(width), int(height), match)
+                w, h = sizes.resolve_size(aspect_ratio, int(width), int(height), match)
             except ValueError as e:
                 raise _input_error(str(e)) from None
         # Checked here, before any weights load, rather than in validate_inputs: ComfyUI repeats a failed
@@ -146,7 +138,7 @@ class UniARGenerate(io.ComfyNode):
         api.check_generation(n, h, w, float(cfg), edit_side)
         components = ("llm", "gen_head") + (("vision",) if edit_images is not None else ())
         ckpt, m = mgmt.ar_model(model, components)
-        grid = (h // common.TOKEN_PIXELS, w // common.TOKEN_PIXELS)
+        grid = (h // sizes.TOKEN_PIXELS, w // sizes.TOKEN_PIXELS)
         progress = mgmt.progress_callback(grid[0] * grid[1])
         tokens = api.generate(m, ckpt, [prompt] * n, h, w, cfg=float(cfg), temperature=float(temperature),
                               seed=int(seed), edit_images=edit_images, edit_tokens=edit_tokens, mode=mode,
@@ -160,10 +152,10 @@ class _LivePreview:
     def __init__(self, progress, grid):
         self.progress = progress
         self.grid = grid
-        self.every = common.preview_every(grid)
+        self.every = bit_preview.preview_every(grid)
 
     def __call__(self, bits) -> None:
         from PIL import Image
 
-        img = common.drawn_preview(bits[0], self.grid)
+        img = bit_preview.drawn_preview(bits[0], self.grid)
         self.progress.show(Image.fromarray((img * 255).round().byte().numpy()))

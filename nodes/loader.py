@@ -11,7 +11,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from . import common
+from . import checkpoints
 from .compat import UniARModel, advanced
 
 log = logging.getLogger("UniAR")
@@ -36,8 +36,8 @@ def uniar_folders() -> list[str]:
 def _runtime_inputs() -> list:
     """The dtype / attention inputs both loader nodes share."""
     return [
-        io.Combo.Input("dtype", options=list(common.DTYPES), default="auto", tooltip=DTYPE_TIP),
-        advanced(io.Combo.Input, "attention", options=list(common.ATTENTIONS), default="auto", tooltip=ATTENTION_TIP),
+        io.Combo.Input("dtype", options=list(checkpoints.DTYPES), default="auto", tooltip=DTYPE_TIP),
+        advanced(io.Combo.Input, "attention", options=list(checkpoints.ATTENTIONS), default="auto", tooltip=ATTENTION_TIP),
     ]
 
 
@@ -51,7 +51,7 @@ def _handle(path: str, dtype: str, attention: str):
 class UniARModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        names = common.list_checkpoints(uniar_folders())
+        names = checkpoints.list_checkpoints(uniar_folders())
         return io.Schema(
             node_id="UniARModelLoader",
             display_name="UniAR Model Loader",
@@ -74,7 +74,7 @@ class UniARModelLoader(io.ComfyNode):
     def validate_inputs(cls, ckpt_name=None):
         if ckpt_name is None:
             return True
-        if common.find_checkpoint(ckpt_name, uniar_folders()) is None:
+        if checkpoints.find_checkpoint(ckpt_name, uniar_folders()) is None:
             return (f"UniAR checkpoint '{ckpt_name}' not found in the 'uniar' model folders "
                     f"({', '.join(uniar_folders()) or 'none registered'}). Put the checkpoint folder there "
                     "(or use the 'UniAR Download Model' node).")
@@ -82,7 +82,7 @@ class UniARModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, ckpt_name, dtype="auto", attention="auto") -> io.NodeOutput:
-        path = common.find_checkpoint(ckpt_name, uniar_folders())
+        path = checkpoints.find_checkpoint(ckpt_name, uniar_folders())
         if path is None:
             raise FileNotFoundError(f"UniAR checkpoint '{ckpt_name}' not found in {uniar_folders()}")
         return io.NodeOutput(_handle(path, dtype, attention))
@@ -100,7 +100,7 @@ class UniARDownloadModel(io.ComfyNode):
                          "interrupted files (only when the node runs; skipped when the folder is already complete, "
                          "so it also works offline afterwards), then acts like the loader."),
             inputs=[
-                io.Combo.Input("repo_id", options=list(common.HUB_REPOS), default=common.HUB_REPOS[0],
+                io.Combo.Input("repo_id", options=list(checkpoints.HUB_REPOS), default=checkpoints.HUB_REPOS[0],
                                tooltip=("Hugging Face repository. UniAR-SFT: the supervised model; UniAR-RL: "
                                         "the RL-tuned one. Only the files the pack reads are fetched (see the "
                                         "README: about a third of the repository's 74 GB), resuming where an "
@@ -115,8 +115,8 @@ class UniARDownloadModel(io.ComfyNode):
         folders = uniar_folders()
         if not folders:
             raise RuntimeError("no 'uniar' model folder is registered (the UniAR pack registers models/uniar)")
-        local = common.hub_local_dir(repo_id, folders)
-        if not common.checkpoint_looks_complete(local):
+        local = checkpoints.hub_local_dir(repo_id, folders)
+        if not checkpoints.checkpoint_looks_complete(local):
             _download(repo_id, local)
         return io.NodeOutput(_handle(local, dtype, attention))
 
@@ -145,5 +145,5 @@ def _download(repo_id: str, local: str) -> None:
         raise CheckpointError(f"{e}. {manual}") from None
     log.info("UniAR: %s: %d files, %.1f GB (%d fetched)", repo_id, summary["files"], summary["bytes"] / 1e9,
              summary["fetched"])
-    if not common.checkpoint_looks_complete(local):
+    if not checkpoints.checkpoint_looks_complete(local):
         raise CheckpointError(f"the download of {repo_id} into {local} is incomplete. {manual}")

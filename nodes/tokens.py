@@ -7,7 +7,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from . import common
+from . import bit_preview, token_files
 from .compat import UniARTokens
 
 TOKENS_IN_TIP = "UniAR visual tokens (from Generate, Encode Image or Load Tokens)."
@@ -36,7 +36,7 @@ class UniARSaveTokens(io.ComfyNode):
     def execute(cls, tokens, filename_prefix="uniar/tokens") -> io.NodeOutput:
         out_dir = folder_paths.get_output_directory()
         full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-        name = f"{filename}_{counter:05}_{common.TOKEN_EXT}"
+        name = f"{filename}_{counter:05}_{token_files.TOKEN_EXT}"
         path = os.path.join(full_folder, name)
         tokens.save(path)
         info = {"filename": name, "subfolder": subfolder, "type": "output"}
@@ -46,7 +46,7 @@ class UniARSaveTokens(io.ComfyNode):
 class UniARLoadTokens(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        files = common.list_token_files(folder_paths.get_input_directory())
+        files = token_files.list_token_files(folder_paths.get_input_directory())
         return io.Schema(
             node_id="UniARLoadTokens",
             display_name="UniAR Load Tokens",
@@ -64,7 +64,7 @@ class UniARLoadTokens(io.ComfyNode):
     def _path(cls, tokens_file):
         if not tokens_file:
             return None
-        return common.safe_join(folder_paths.get_input_directory(), tokens_file)
+        return token_files.safe_join(folder_paths.get_input_directory(), tokens_file)
 
     @classmethod
     def validate_inputs(cls, tokens_file=None):
@@ -107,7 +107,7 @@ class UniARPreviewTokens(io.ComfyNode):
                          "position."),
             inputs=[
                 UniARTokens.Input("tokens", tooltip=TOKENS_IN_TIP),
-                io.Combo.Input("mode", options=list(common.PREVIEW_MODES), default="tiles",
+                io.Combo.Input("mode", options=list(bit_preview.PREVIEW_MODES), default="tiles",
                                tooltip=("tiles: per patch a square of its bits, in image layout. planes: one small "
                                         "map per bit position (shows which bits carry the picture).")),
                 io.Int.Input("level", default=-1, min=-1, max=15,
@@ -123,7 +123,7 @@ class UniARPreviewTokens(io.ComfyNode):
         from ..uniar_backend.errors import InputError
 
         try:
-            img = common.preview_bits(tokens.bits(), tokens.grid, mode=mode, level=int(level), scale=int(scale))
+            img = bit_preview.preview_bits(tokens.bits(), tokens.grid, mode=mode, level=int(level), scale=int(scale))
         except ValueError as e:
             raise InputError(str(e)) from None
         return io.NodeOutput(img)

@@ -132,7 +132,7 @@ def stubbed_pack(tmp_root: str):
         spec.loader.exec_module(pack)
         ext = importlib.import_module(PACK + ".nodes.extension")
         yield types.SimpleNamespace(pack=pack, extension=ext, folder_paths=stubs["folder_paths"],
-                                    common=importlib.import_module(PACK + ".nodes.common"))
+                                    sizes=importlib.import_module(PACK + ".nodes.sizes"))
     finally:
         for k in set(sys.modules) - before:
             if k == PACK or k.startswith(PACK + "."):

@@ -24,7 +24,10 @@ _spec = importlib.util.spec_from_file_location("uniar_pack_pure", os.path.join(R
 _pack = importlib.util.module_from_spec(_spec)
 sys.modules["uniar_pack_pure"] = _pack
 _spec.loader.exec_module(_pack)
-common = importlib.import_module("uniar_pack_pure.nodes.common")
+checkpoints = importlib.import_module("uniar_pack_pure.nodes.checkpoints")
+sizes = importlib.import_module("uniar_pack_pure.nodes.sizes")
+token_files = importlib.import_module("uniar_pack_pure.nodes.token_files")
+bit_preview = importlib.import_module("uniar_pack_pure.nodes.bit_preview")
 
 FIXTURES = os.path.join(os.path.dirname(ROOT), "shared", "fixtures")
 WORKFLOW_DIR = os.path.join(ROOT, "example_workflows")
@@ -57,26 +60,26 @@ def test_list_and_find_checkpoints(tmp_path):
     _ckpt(a / ".cache" / "hidden")
     os.symlink(os.path.join(FIXTURES, "uniar-tiny"), b / "tiny")
     folders = [str(a), str(b), str(tmp_path / "missing")]
-    assert common.list_checkpoints(folders) == ["ShareLab-SII/UniAR-RL", "tiny", "UniAR-SFT"]
-    assert common.find_checkpoint("UniAR-SFT", folders) == str(a / "UniAR-SFT")
-    assert common.find_checkpoint("ShareLab-SII/UniAR-RL", folders) == str(b / "ShareLab-SII" / "UniAR-RL")
-    assert common.find_checkpoint("tiny", folders).endswith("tiny")
+    assert checkpoints.list_checkpoints(folders) == ["ShareLab-SII/UniAR-RL", "tiny", "UniAR-SFT"]
+    assert checkpoints.find_checkpoint("UniAR-SFT", folders) == str(a / "UniAR-SFT")
+    assert checkpoints.find_checkpoint("ShareLab-SII/UniAR-RL", folders) == str(b / "ShareLab-SII" / "UniAR-RL")
+    assert checkpoints.find_checkpoint("tiny", folders).endswith("tiny")
     for bad in ("", "../a/UniAR-SFT", "/etc", "nope", "not-a-checkpoint"):
-        assert common.find_checkpoint(bad, folders) is None
+        assert checkpoints.find_checkpoint(bad, folders) is None
 
 
 def test_checkpoint_completeness(tmp_path):
-    assert common.checkpoint_looks_complete(os.path.join(FIXTURES, "uniar-tiny"))
+    assert checkpoints.checkpoint_looks_complete(os.path.join(FIXTURES, "uniar-tiny"))
     p = tmp_path / "UniAR-SFT"
     _ckpt(p)
-    assert not common.checkpoint_looks_complete(str(p))
+    assert not checkpoints.checkpoint_looks_complete(str(p))
     for sub in ("bsq_encoder", "sd3_transformer", "sd3_pipeline"):
         os.makedirs(p / sub)
     (p / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-1.safetensors"}}))
-    assert not common.checkpoint_looks_complete(str(p))  # shard missing: a partial download
+    assert not checkpoints.checkpoint_looks_complete(str(p))  # shard missing: a partial download
     (p / "model-1.safetensors").write_bytes(b"0")
-    assert common.checkpoint_looks_complete(str(p))
-    assert common.hub_local_dir("ShareLab-SII/UniAR-RL", ["/m/uniar", "/x"]) == os.path.join("/m/uniar", "UniAR-RL")
+    assert checkpoints.checkpoint_looks_complete(str(p))
+    assert checkpoints.hub_local_dir("ShareLab-SII/UniAR-RL", ["/m/uniar", "/x"]) == os.path.join("/m/uniar", "UniAR-RL")
 
 
 # ------------------------------------------------------------------------------------------------ sizes
@@ -94,7 +97,7 @@ def test_check_side():
 
 
 @pytest.mark.parametrize("aspect,w,h,expected", [
-    (common.ASPECT_CUSTOM, 512, 384, (512, 384)),
+    (sizes.ASPECT_CUSTOM, 512, 384, (512, 384)),
     ("1:1", 512, 512, (512, 512)),
     ("16:9", 512, 512, (672, 384)),
     ("9:16", 512, 512, (384, 672)),
@@ -102,31 +105,31 @@ def test_check_side():
     ("21:9", 64, 64, (96, 32)),
 ])
 def test_resolve_size_presets(aspect, w, h, expected):
-    got = common.resolve_size(aspect, w, h)
+    got = sizes.resolve_size(aspect, w, h)
     assert got == expected
-    assert all(v % 32 == 0 and common.MIN_SIDE <= v <= common.MAX_SIDE for v in got)
+    assert all(v % 32 == 0 and sizes.MIN_SIDE <= v <= sizes.MAX_SIDE for v in got)
 
 
 def test_resolve_size_match_and_errors():
-    assert common.resolve_size(common.ASPECT_MATCH, 512, 512, (1280, 720)) == (672, 384)
-    assert common.resolve_size(common.ASPECT_MATCH, 512, 384, None) == (512, 384)  # no edit input: as custom
+    assert sizes.resolve_size(sizes.ASPECT_MATCH, 512, 512, (1280, 720)) == (672, 384)
+    assert sizes.resolve_size(sizes.ASPECT_MATCH, 512, 384, None) == (512, 384)  # no edit input: as custom
     with pytest.raises(ValueError):
-        common.resolve_size("5:4", 512, 512)
+        sizes.resolve_size("5:4", 512, 512)
     # extreme ratios stay within the allowed sides
-    w, h = common.resolve_size(common.ASPECT_MATCH, 4096, 4096, (100000, 1))
-    assert w == common.MAX_SIDE and h == common.MIN_SIDE
+    w, h = sizes.resolve_size(sizes.ASPECT_MATCH, 4096, 4096, (100000, 1))
+    assert w == sizes.MAX_SIDE and h == sizes.MIN_SIDE
 
 
 def test_pair_batch():
-    assert common.pair_batch(1, None) == 1
-    assert common.pair_batch(4, None) == 4
-    assert common.pair_batch(3, 1) == 3  # one edit image shared by the batch
-    assert common.pair_batch(1, 5) == 5  # one output per edit image
-    assert common.pair_batch(5, 5) == 5
+    assert sizes.pair_batch(1, None) == 1
+    assert sizes.pair_batch(4, None) == 4
+    assert sizes.pair_batch(3, 1) == 3  # one edit image shared by the batch
+    assert sizes.pair_batch(1, 5) == 5  # one output per edit image
+    assert sizes.pair_batch(5, 5) == 5
     with pytest.raises(ValueError, match="batch_size is 2"):
-        common.pair_batch(2, 3)
+        sizes.pair_batch(2, 3)
     with pytest.raises(ValueError):
-        common.pair_batch(0, None)
+        sizes.pair_batch(0, None)
 
 
 def test_check_sampling():
@@ -147,11 +150,11 @@ def test_list_token_files_and_safe_join(tmp_path):
     (tmp_path / "sub" / "B.SAFETENSORS").write_bytes(b"x")
     (tmp_path / "c.png").write_bytes(b"x")
     (tmp_path / ".hidden.safetensors").write_bytes(b"x")
-    assert common.list_token_files(str(tmp_path)) == ["a.safetensors", "sub/B.SAFETENSORS"]
-    assert common.list_token_files(str(tmp_path / "missing")) == []
-    assert common.safe_join(str(tmp_path), "sub/B.SAFETENSORS") == str(tmp_path / "sub" / "B.SAFETENSORS")
-    assert common.safe_join(str(tmp_path), "../x.safetensors") is None
-    assert common.safe_join(str(tmp_path), "/etc/passwd") is None
+    assert token_files.list_token_files(str(tmp_path)) == ["a.safetensors", "sub/B.SAFETENSORS"]
+    assert token_files.list_token_files(str(tmp_path / "missing")) == []
+    assert token_files.safe_join(str(tmp_path), "sub/B.SAFETENSORS") == str(tmp_path / "sub" / "B.SAFETENSORS")
+    assert token_files.safe_join(str(tmp_path), "../x.safetensors") is None
+    assert token_files.safe_join(str(tmp_path), "/etc/passwd") is None
 
 
 # ------------------------------------------------------------------------------------------------ preview
@@ -162,7 +165,7 @@ def _bits(B=2, rows=2, cols=3, L=4, U=4, d=16, seed=0):
 
 def test_bit_grid_layout():
     bits = _bits(B=1, rows=2, cols=3)
-    g = common.bit_grid(bits, (2, 3))
+    g = bit_preview.bit_grid(bits, (2, 3))
     assert g.shape == (1, 4, 4, 6, 16)
     # token t = r*cols + c, sub-patch u = i*2 + j  ->  patch (2r+i, 2c+j)
     for r in range(2):
@@ -171,38 +174,38 @@ def test_bit_grid_layout():
                 for j in range(2):
                     assert torch.equal(g[0, :, 2 * r + i, 2 * c + j], bits[0, r * 3 + c, :, i * 2 + j])
     with pytest.raises(ValueError):
-        common.bit_grid(bits, (3, 3))
+        bit_preview.bit_grid(bits, (3, 3))
 
 
 def test_preview_tiles_shows_the_bits():
     bits = _bits(B=2, rows=2, cols=3, d=16)
-    img = common.preview_bits(bits, (2, 3), mode="tiles", level=0, scale=1)
+    img = bit_preview.preview_bits(bits, (2, 3), mode="tiles", level=0, scale=1)
     assert img.shape == (2, 4 * 4, 6 * 4, 3) and img.dtype == torch.float32
     assert 0 <= float(img.min()) and float(img.max()) <= 1
     # level 0 is white: pixel (4*pr + a, 4*pc + b) of patch (pr, pc) = bit a*4 + b
-    g = common.bit_grid(bits, (2, 3))
+    g = bit_preview.bit_grid(bits, (2, 3))
     for pr, pc, k in ((0, 0, 0), (3, 5, 15), (2, 1, 6)):
         a, b = divmod(k, 4)
         assert float(img[1, 4 * pr + a, 4 * pc + b, 0]) == float(g[1, 0, pr, pc, k])
-    allv = common.preview_bits(bits, (2, 3), mode="tiles", level=-1, scale=2)
+    allv = bit_preview.preview_bits(bits, (2, 3), mode="tiles", level=-1, scale=2)
     assert allv.shape[0] == 2 and allv.shape[1] == 2 * 16 and allv.shape[2] == 2 * (4 * 24 + 3 * 4)
 
 
 def test_preview_planes_and_64_bits():
     bits = _bits(B=1, rows=2, cols=2, d=64)
-    img = common.preview_bits(bits, (2, 2), mode="planes", level=1, scale=3, gap=2)
+    img = bit_preview.preview_bits(bits, (2, 2), mode="planes", level=1, scale=3, gap=2)
     R = C = 4
     assert img.shape == (1, 3 * (8 * (R + 2) - 2), 3 * (8 * (C + 2) - 2), 3)
-    g = common.bit_grid(bits, (2, 2))
+    g = bit_preview.bit_grid(bits, (2, 2))
     k = 13  # plane k sits at grid cell (k // 8, k % 8); level 1 is orange (R channel 1.0)
     pr, pc = divmod(k, 8)
     y0, x0 = pr * (R + 2), pc * (C + 2)
     plane = img[0, 3 * y0: 3 * (y0 + R): 3, 3 * x0: 3 * (x0 + C): 3, 0]
     assert torch.equal(plane, g[0, 1, :, :, k].float())
     with pytest.raises(ValueError):
-        common.preview_bits(bits, (2, 2), mode="nope")
+        bit_preview.preview_bits(bits, (2, 2), mode="nope")
     with pytest.raises(ValueError):
-        common.preview_bits(bits, (2, 2), level=4)
+        bit_preview.preview_bits(bits, (2, 2), level=4)
 
 
 def test_preview_on_real_tokens():
@@ -211,13 +214,8 @@ def test_preview_on_real_tokens():
 
     g = load_file(os.path.join(FIXTURES, "golden", "uniar-tiny-bsq64", "b1_t2i_64x64_cfg1.5.safetensors"))
     t = VisualTokens(g["indices"], 64, 64, 64, 4, 4)
-    img = common.preview_bits(t.bits(), t.grid, mode="tiles")
+    img = bit_preview.preview_bits(t.bits(), t.grid, mode="tiles")
     assert img.shape == (1, 4 * 8, 4 * (4 * 8) + 3 * 4, 3)
-
-
-def test_join_answers():
-    assert common.join_answers(["one"]) == "one"
-    assert common.join_answers(["a", "b"]) == "[0] a\n\n[1] b"
 
 
 # ------------------------------------------------------------------------------------------------ import cost
@@ -300,6 +298,28 @@ def test_validate_inputs_take_one_input_each(pack):
         assert len(params) <= 1, f"{node_id}.validate_inputs takes {[p.name for p in params]}"
         found += 1
     assert found >= 2
+
+
+def test_join_answers(pack):
+    from comfy_stub import PACK
+
+    join_answers = importlib.import_module(PACK + ".nodes.caption").join_answers
+    assert join_answers(["one"]) == "one"
+    assert join_answers(["a", "b"]) == "[0] a\n\n[1] b"
+
+
+def test_nodes_use_no_private_names_of_other_node_modules():
+    """Node modules import each other's public names only, and the backend through its public modules."""
+    import ast
+
+    for fn in sorted(os.listdir(os.path.join(ROOT, "nodes"))):
+        if not fn.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(ROOT, "nodes", fn)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"nodes/{fn} imports private {private} from {node.module}"
 
 
 def _widget_inputs(schema):
@@ -414,13 +434,13 @@ def test_drawn_preview_and_its_rate():
 
     grid = (3, 4)
     bits = torch.ones(5, 2, 4, 16, dtype=torch.int64)  # 5 of 12 tokens drawn, all bits 1
-    img = common.drawn_preview(bits, grid, min_width=64)
+    img = bit_preview.drawn_preview(bits, grid, min_width=64)
     assert img.dim() == 3 and img.shape[-1] == 3 and img.shape[1] >= 64
-    full = common.preview_bits(torch.ones(1, 12, 2, 4, 16), grid, mode="tiles", level=0)[0]
+    full = bit_preview.preview_bits(torch.ones(1, 12, 2, 4, 16), grid, mode="tiles", level=0)[0]
     scale = img.shape[1] // full.shape[1]
     h_row = img.shape[0] // 3
     assert float(img[: h_row].min()) == 1.0  # the first token row is drawn (white bits)
     assert float(img[-1, -1, 0]) == 0.5  # the last token is not drawn yet: grey
     assert scale >= 1 and img.shape[1] == full.shape[1] * scale
-    assert common.preview_every((16, 16)) == 32  # two token rows at 512x512: 8 pictures
-    assert common.preview_every((2, 2)) == 2
+    assert bit_preview.preview_every((16, 16)) == 32  # two token rows at 512x512: 8 pictures
+    assert bit_preview.preview_every((2, 2)) == 2
