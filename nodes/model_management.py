@@ -145,8 +145,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
 
 def resolve_attention(attention: str, device: torch.device, dtype: str) -> str:
     """The attention backend for the *compute* device (weights are read on the offload device)."""
-    from ..uniar_backend.loader import resolve_dtype as backend_dtype
-    from ..uniar_backend.modeling.layers import resolve_attention as backend_attention
+    from ..uniar_backend.runtime import resolve_attention as backend_attention
+    from ..uniar_backend.runtime import resolve_dtype as backend_dtype
 
     return backend_attention(attention, device, backend_dtype(dtype, device))
 

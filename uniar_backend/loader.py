@@ -1,54 +1,18 @@
-"""Opening a UniAR checkpoint folder and loading its components (device / dtype / attention choices)."""
+"""Opening a UniAR checkpoint folder and loading its components (device / dtype / attention are decided by
+:mod:`uniar_backend.runtime`; its functions are importable from here too)."""
 
 from __future__ import annotations
 
 import os
 from functools import cached_property
 
-import torch
-
 from .checkpoint import WeightFiles, build_on_meta, load_module_weights
 from .config import UniARConfig, read_json
 from .errors import CheckpointError, InputError
-from .modeling.layers import resolve_attention
 from .modeling.uniar import COMPONENTS, UniARModel
+from .runtime import resolve_attention, resolve_device, resolve_dtype  # noqa: F401  (also the public names here)
 
-from .limits import DEVICE_CHOICES, DTYPE_CHOICES
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def resolve_device(device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device not in DEVICE_CHOICES and not str(device).startswith(("cuda:", "mps:")):
-        raise InputError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device cuda was asked for but CUDA is not available; use --device cpu or auto")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("device mps was asked for but MPS is not available; use --device cpu or auto")
-    return dev
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPE_CHOICES:
-        raise InputError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "mps":
-            return torch.float16
-        return torch.float32
-    return _DTYPES[dtype]
 
 
 class Checkpoint:

@@ -116,14 +116,9 @@ class _Common:
 # (CUDA only; sampling stays eager, so the random stream is untouched).  Off by default until measured on a GPU
 # (``python -m uniar_backend.bench --real-size`` reports both).  Env: UNIAR_CUDA_GRAPH=1.
 #
-# ``cpu_threads``: intra-op threads of the CPU decode loop.  "auto" runs the loop single-threaded when one step
-# reads less than CPU_SMALL_STEP_BYTES of weights: each op of a single-position step is then a few microseconds of
-# work, OpenMP fork/join costs as much, and on a machine whose cores are shared (or busy) a parallel region
-# waits for a descheduled thread (measured: 7x slower on a loaded 2-core machine; on an idle one, 2 threads gave
-# no gain for these matrix-vector products).  An int forces that count; None keeps the caller's setting.  The
-# previous setting is restored after the loop.
+# ``cpu_threads``: intra-op threads of the CPU decode loop (the policy: :func:`uniar_backend.runtime.loop_threads`);
+# the previous setting is restored after the loop.
 FAST_OPTIONS = {"cuda_graph": os.environ.get("UNIAR_CUDA_GRAPH", "0") == "1", "cpu_threads": "auto"}
-CPU_SMALL_STEP_BYTES = 256 << 20
 STACK_MIN_ROWS = int(os.environ.get("UNIAR_STACK_MIN_ROWS", "4"))
 
 
@@ -461,12 +456,9 @@ def step_weight_bytes(model) -> int:
 
 
 def _loop_threads(model, dev):
-    opt = FAST_OPTIONS.get("cpu_threads", "auto")
-    if dev.type != "cpu" or opt is None:
-        return None
-    if opt == "auto":
-        return 1 if step_weight_bytes(model) < CPU_SMALL_STEP_BYTES else None
-    return max(1, int(opt))
+    from .runtime import loop_threads
+
+    return loop_threads(dev, step_weight_bytes(model), FAST_OPTIONS.get("cpu_threads", "auto"))
 
 
 class _GraphStep:

@@ -271,8 +271,7 @@ def load_decoder(ckpt_or_path, device="auto", dtype="auto", attention="auto", ca
     sdpa, or eager when asked); ``cache_dir`` for the prompt embeddings (default: ``<checkpoint>/.uniar_cache``
     when writable, else ``~/.cache/uniar/...``); ``ops`` a layer namespace (e.g. ``comfy.ops``) for the BSQ
     projections; ``decoder_prompt`` the prompt prepared up front (default: UniAR's constant decoder prompt)."""
-    from ..loader import resolve_device, resolve_dtype
-    from ..modeling.layers import resolve_attention
+    from ..runtime import resolve_attention, resolve_device, resolve_dtype
     from . import components as C
 
     root = C.checkpoint_root(ckpt_or_path)

@@ -269,7 +269,7 @@ def encode_prompt(ckpt_or_path, prompt: str | None = None, device="auto", dtype=
     (upstream runs them in the pipeline dtype) and released right after use."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    from ..loader import resolve_device, resolve_dtype
+    from ..runtime import resolve_device, resolve_dtype
     from .components import checkpoint_root
 
     root = checkpoint_root(ckpt_or_path)
@@ -324,7 +324,7 @@ def prompt_embeddings(ckpt_or_path, prompt: str | None = None, device="auto", dt
     """Decoder-prompt embeddings from the cache, encoding (and caching) them when needed.
 
     ``cache_dir`` defaults to :func:`default_cache_dir`.  ``refresh`` re-encodes even when cached."""
-    from ..loader import resolve_device, resolve_dtype
+    from ..runtime import resolve_device, resolve_dtype
     from .components import checkpoint_root
 
     root = checkpoint_root(ckpt_or_path)

@@ -10,8 +10,6 @@ import torch.nn.functional as F
 
 TORCH_OPS = SimpleNamespace(Linear=nn.Linear, LayerNorm=nn.LayerNorm, Conv3d=nn.Conv3d, Embedding=nn.Embedding)
 
-from ..limits import ATTENTION_CHOICES
-
 
 def resolve_ops(ops=None):
     """``ops`` may be any object exposing ``Linear``, ``LayerNorm``, ``Conv3d`` and ``Embedding`` classes
@@ -19,29 +17,6 @@ def resolve_ops(ops=None):
     if ops is None:
         return TORCH_OPS
     return SimpleNamespace(**{name: getattr(ops, name, getattr(TORCH_OPS, name)) for name in vars(TORCH_OPS)})
-
-
-def flash_attn_available() -> bool:
-    import importlib.util
-
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-
-
-def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Pick the attention backend: ``auto`` uses flash-attn 2 when importable on CUDA in half precision, else sdpa."""
-    from ..errors import InputError
-
-    if attention not in ATTENTION_CHOICES:
-        raise InputError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
-    half = dtype in (torch.float16, torch.bfloat16)
-    if attention == "auto":
-        return "flash_attention_2" if (device.type == "cuda" and half and flash_attn_available()) else "sdpa"
-    if attention == "flash_attention_2":
-        if device.type != "cuda" or not flash_attn_available():
-            raise InputError("attention=flash_attention_2 needs CUDA and the flash-attn package; use auto or sdpa")
-        if not half:
-            raise InputError("flash_attention_2 runs in float16/bfloat16 only; choose dtype bfloat16 or use sdpa")
-    return attention
 
 
 class RMSNorm(nn.Module):
