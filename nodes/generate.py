@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..uniar_backend.limits import MAX_SEED
+from ..uniar_backend.sampling import IMAGE_SAMPLERS
 from . import bit_preview, sizes
 from .compat import UniARModel, UniARTokens, advanced
 from .images import rgb_list
@@ -82,7 +84,7 @@ class UniARGenerate(io.ComfyNode):
                                         "extra empty-prompt row), 1 = no guidance (half the work).")),
                 io.Float.Input("temperature", default=1.0, min=0.01, max=5.0, step=0.05, round=0.01,
                                tooltip="Sampling temperature of the token bits: lower = safer, higher = more varied."),
-                io.Int.Input("seed", default=0, min=0, max=sizes.MAX_SEED, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Random seed. The same seed and inputs give the same tokens (as the CLI)."),
                 io.Int.Input("batch_size", default=1, min=1, max=sizes.MAX_BATCH,
                              tooltip=("Images to generate for the prompt (one seed for the batch, as the CLI "
@@ -93,7 +95,7 @@ class UniARGenerate(io.ComfyNode):
                 UniARTokens.Input("edit_tokens", optional=True,
                                   tooltip=("Optional visual tokens to edit (e.g. from a previous Generate): edits "
                                            "without re-encoding pixels.")),
-                advanced(io.Combo.Input, "mode", options=["fast", "reference"], default="fast",
+                advanced(io.Combo.Input, "mode", options=list(IMAGE_SAMPLERS), default="fast",
                          tooltip=("Sampler: fast (KV caches, default) or the reference loop. Both give the same "
                                   "tokens; reference is slower and meant for checks.")),
             ],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from ..uniar_backend.limits import MAX_SEED, MAX_SIDE, TOKEN_PIXELS  # noqa: F401  (used by the node schemas)
+from ..uniar_backend.limits import MAX_SIDE, TOKEN_PIXELS  # noqa: F401  (used by the node schemas)
 
 MIN_SIDE = TOKEN_PIXELS
 MAX_BATCH = 64

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import os
 import subprocess
 import sys

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uniar_backend import sampling
+from uniar_backend.sampling import image as sampling  # the samplers themselves (internals are tested)
 from uniar_backend.tools import synthetic
 from uniar_backend.tools.bench import grid_for, make_prefix
 from uniar_backend.modeling.layers import RMSNorm
@@ -392,3 +392,29 @@ def test_lean_step_under_comfy_like_layers(casting):
     assert torch.equal(got, sample(plain, p, 1.5, 1.0, 5, "fast"))
     assert marks[-1] - marks[0] == 0  # steps 2..N: every layer call through the lean path
     assert (_ComfyLikeLinear.cast_calls > 0) == casting
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def test_sampler_registry_is_free_to_read_and_drives_the_cli(monkeypatch):
+    """The registry imports no torch (the CLI and the node schemas read it); a sampler added there is a CLI choice
+    and runs through sample()."""
+    import subprocess
+    import sys
+
+    code = "import sys, uniar_backend.sampling as s; assert 'torch' not in sys.modules, 'torch'; print(s.MODES)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0 and "fast" in r.stdout, r.stderr
+
+    import uniar_backend.sampling as registry
+    from uniar_backend.cli import build_parser
+
+    monkeypatch.setitem(registry.IMAGE_SAMPLERS, "mine", "uniar_backend.sampling.image:sample_reference")
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "x", "--height", "64", "--width", "64",
+                                      "--mode", "mine", "--out", "o.safetensors"])
+    assert args.mode == "mine"
+    m = _tiny(seed=1)
+    p = make_prefix(m, 2, 2, prompt_len=6, uncond_len=4)
+    assert torch.equal(sample(m, p, 1.5, 1.0, 3, "mine"), sample(m, p, 1.5, 1.0, 3, "reference"))
+    with pytest.raises(Exception, match="mode must be one of"):
+        sample(m, p, 1.5, 1.0, 3, "nonexistent")

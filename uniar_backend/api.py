@@ -14,7 +14,7 @@ import torch
 from . import prompting
 from .errors import InputError
 from .preprocess import prepare_edit_image, processor_patches
-from .sampling import MODES, Prefix, sample
+from .sampling import Prefix, generate_text, image_sampler, sample, text_sampler
 from .limits import TOKEN_PIXELS, check_generation, check_sampling, check_seed, check_size  # noqa: F401
 from .tokens import VisualTokens
 
@@ -183,8 +183,7 @@ def generate(model, ckpt, prompts, height: int, width: int, cfg: float = 1.5, te
         raise InputError("no prompt given (an empty string is fine: it gives an unconditional sample)")
     check_size(height, width)
     check_sampling(cfg, temperature, seed)
-    if mode not in MODES:
-        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    image_sampler(mode)  # a registered sampler, or a clear error before any work
     _need(model, "llm", "gen_head")
     B = len(prompts)
     edit = _edit_inputs(model, ckpt, B, edit_images, edit_tokens)
@@ -200,25 +199,6 @@ def generate(model, ckpt, prompts, height: int, width: int, cfg: float = 1.5, te
 
 
 # ---------------------------------------------------------------------------------------------- understanding
-def _pick_token(logits, do_sample, temperature, top_k, top_p, generator):
-    if not do_sample:
-        return torch.argmax(logits, dim=-1)
-    scores = logits.float() / temperature
-    if top_k and top_k > 0:
-        k = min(int(top_k), scores.shape[-1])
-        kth = torch.topk(scores, k, dim=-1).values[..., -1, None]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(scores, descending=False, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove_sorted = cum <= (1 - top_p)
-        remove_sorted[..., -1:] = False
-        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
-        scores = scores.masked_fill(remove, float("-inf"))
-    probs = scores.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 @torch.inference_mode()
 def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None = None, max_new_tokens: int = 256,
             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
@@ -226,8 +206,6 @@ def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None 
     """Answer ``question`` about each image (or each row of ``tokens``): the Qwen3-VL chat flow of the
     reference (checkpoint chat template, BSQ-quantised vision features, final norm + lm_head), greedy by default,
     stopping at the checkpoint's eos tokens.  Returns one answer per image."""
-    from .modeling.text import KVCache, run_layers
-
     question = prompting.check_prompt(question, "question")
     if (image is None) == (tokens is None):
         raise InputError("give either an image or visual tokens to caption")
@@ -242,6 +220,8 @@ def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None 
             raise InputError(f"top_k must be >= 0, got {top_k!r}")
     check_seed(seed)
     _need(model, "llm", "lm_head")
+    pick = text_sampler("sampling" if do_sample else "greedy")
+    pick_options = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     mc = model.cfg
     items = []  # (bits, grid)
     if tokens is not None:
@@ -278,33 +258,13 @@ def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None 
         main, deep = model.visual.bits_to_features(bits.to(dev))
         x = x.clone()
         x[vmask] = main.to(x.dtype)
-        dt = x.dtype
-        cache = KVCache(mc.text.num_hidden_layers, 1, mc.text.num_key_value_heads, mc.text.head_dim,
-                        L + max_new_tokens, dev, dt)
-        cos, sin = model.rope(pos.to(dev), dt)
-        # one unpadded row: causal attention without a dense L x L mask (the layers pass is_causal)
-        h = run_layers(lm.layers, x, cos, sin, None, cache, model.attention, deep, vmask)
-        cache.length = L
-        logits = model.lm_head(lm.norm(h[:, -1]))
-        scores = [logits.float().cpu()] if info is not None else None
         gen = torch.Generator(device=dev)
         gen.manual_seed(_seed_value(seed))
-        out_ids = []
-        for k in range(max_new_tokens):
-            nxt = _pick_token(logits, do_sample, temperature, top_k, top_p, gen)
-            t = int(nxt)
-            out_ids.append(t)
-            if callback is not None:
-                callback(item * max_new_tokens + k + 1, total_steps)
-            if t in eos or k + 1 == max_new_tokens:
-                break
-            p = torch.full((3, 1, 1), next_pos + k, dtype=torch.long, device=dev)
-            cos, sin = model.rope(p, dt)
-            h = run_layers(lm.layers, lm.embed_tokens(nxt.view(1, 1)), cos, sin, None, cache, model.attention)
-            cache.length += 1
-            logits = model.lm_head(lm.norm(h[:, -1]))
-            if scores is not None:
-                scores.append(logits.float().cpu())
+        scores = [] if info is not None else None
+        done = item * max_new_tokens
+        out_ids = generate_text(model, x, pos, next_pos, max_new_tokens, eos, pick, gen, pick_options, deep, vmask,
+                                callback=(lambda k, d=done: callback(d + k, total_steps)) if callback else None,
+                                scores=scores)
         if info is not None:  # what the parity tests compare with the reference
             info.setdefault("scores", []).append(torch.cat(scores))
             info.setdefault("input_ids", []).append(ids)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .sampling import IMAGE_SAMPLERS  # the sampler registry (torch-free)
+
 
 def load_components(args, components):
     from .loader import Checkpoint
@@ -26,7 +28,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--batch-size", type=int, default=1, help="images per prompt (default 1)")
-    p.add_argument("--mode", default="fast", choices=("fast", "reference"),
+    p.add_argument("--mode", default="fast", choices=tuple(IMAGE_SAMPLERS),
                    help="sampler: fast (default) or the reference loop (same tokens, slower)")
 
 

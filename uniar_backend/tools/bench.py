@@ -31,10 +31,8 @@ import time
 import torch
 
 from .. import prompting
-from ..sampling import Prefix, sample, set_fast_options
+from ..sampling import MODES, Prefix, sample, set_fast_options
 from . import synthetic
-
-MODES = ("fast", "reference")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

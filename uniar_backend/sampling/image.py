@@ -1,4 +1,4 @@
-"""The AR image-token samplers.
+"""The AR image-token samplers (registered in :mod:`uniar_backend.sampling` as ``fast`` and ``reference``).
 
 Both samplers reproduce the reference ``generate_visual`` exactly (same logits up to float rounding, the same
 random stream, so the same tokens):
@@ -28,16 +28,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import os
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from . import bsq
-from .modeling.layers import additive_mask
-from .modeling.text import ConcatCache, KVCache, run_layers
-
-MODES = ("fast", "reference")
+from .. import bsq
+from ..modeling.layers import additive_mask
+from ..modeling.text import ConcatCache, KVCache, run_layers
 
 
 @dataclass
@@ -308,7 +305,7 @@ class _Features:
     equal; the per-call module overhead is a large share of this small computation), whatever the layer class."""
 
     def __init__(self, visual):
-        from .modeling.vision import _level_name
+        from ..modeling.vision import _level_name
 
         self.visual = visual
         cfg = visual.cfg
@@ -456,7 +453,7 @@ def step_weight_bytes(model) -> int:
 
 
 def _loop_threads(model, dev):
-    from .runtime import loop_threads
+    from ..runtime import loop_threads
 
     return loop_threads(dev, step_weight_bytes(model), FAST_OPTIONS.get("cpu_threads", "auto"))
 
@@ -548,17 +545,3 @@ def sample_reference(model, prefix: Prefix, cfg, temperature, generator, callbac
         generated.append(bits)
         c.step_done(i, N, lambda: torch.stack(generated, dim=1))
     return torch.stack(generated, dim=1)
-
-
-def sample(model, prefix: Prefix, cfg: float, temperature: float, seed: int, mode: str = "fast",
-           callback: Callable[[int, int], None] | None = None, logits_out: list | None = None,
-           preview=None) -> torch.Tensor:
-    """Run the sampler; returns bits (R, N, levels, unit, d) int64 for all rows.
-
-    ``preview``: a callable with an int attribute ``every``, called with the bits drawn so far (a view, no copy
-    in the fast sampler) every ``every`` steps and after the last one (live previews)."""
-    generator = torch.Generator(device=prefix.embeds.device)
-    generator.manual_seed(seed)
-    fn = sample_fast if mode == "fast" else sample_reference
-    with torch.inference_mode():
-        return fn(model, prefix, cfg, temperature, generator, callback, logits_out, preview)
