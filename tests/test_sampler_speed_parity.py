@@ -156,14 +156,10 @@ def test_forced_thread_counts_same_tokens():
     p = make_prefix(m, 2, 3, prompt_len=8, uncond_len=5)
     outs = []
     for opt in ("auto", 1, None):
-        old = sampling.set_fast_options(cpu_threads=opt)
-        try:
-            outs.append(sample(m, p, 1.5, 1.0, 3, "fast"))
-        finally:
-            sampling.set_fast_options(**old)
+        outs.append(sample(m, p, 1.5, 1.0, 3, "fast", cpu_threads=opt))  # sampler options are arguments
     assert all(torch.equal(outs[0], o) for o in outs)
-    with pytest.raises(ValueError):
-        sampling.set_fast_options(nonsense=1)
+    with pytest.raises(TypeError):
+        sample(m, p, 1.5, 1.0, 3, "fast", nonsense=1)
 
 
 def test_static_step_matches_eager_on_cpu():

@@ -18,8 +18,7 @@ TEXT_SAMPLERS = {"greedy": ".text:pick_greedy", "sampling": ".text:pick_sampling
 MODES = tuple(IMAGE_SAMPLERS)  # the built-in image samplers (the benchmark compares these two)
 
 # names importable from here, resolved on first use: ``from uniar_backend.sampling import Prefix, sample``
-_LAZY = {"Prefix": ".image", "mix_and_sample": ".image", "set_fast_options": ".image", "FAST_OPTIONS": ".image",
-         "step_weight_bytes": ".image", "generate_text": ".text"}
+_LAZY = {"Prefix": ".image", "mix_and_sample": ".image", "step_weight_bytes": ".image", "generate_text": ".text"}
 
 
 def _resolve(spec: str):
@@ -45,18 +44,20 @@ def text_sampler(name: str) -> Callable:
 
 
 def sample(model, prefix, cfg: float, temperature: float, seed: int, mode: str = "fast",
-           callback: Callable[[int, int], None] | None = None, logits_out: list | None = None, preview=None):
+           callback: Callable[[int, int], None] | None = None, logits_out: list | None = None, preview=None,
+           **options):
     """Run the image sampler ``mode``; returns bits (R, N, levels, unit, d) int64 for all rows.
 
     ``preview``: a callable with an int attribute ``every``, called with the bits drawn so far (a view, no copy
-    in the fast sampler) every ``every`` steps and after the last one (live previews)."""
+    in the fast sampler) every ``every`` steps and after the last one (live previews).  ``options``: the
+    sampler's own options (``fast``: ``cuda_graph``, ``cpu_threads``)."""
     import torch
 
     fn = image_sampler(mode)
     generator = torch.Generator(device=prefix.embeds.device)
     generator.manual_seed(seed)
     with torch.inference_mode():
-        return fn(model, prefix, cfg, temperature, generator, callback, logits_out, preview)
+        return fn(model, prefix, cfg, temperature, generator, callback, logits_out, preview, **options)
 
 
 def __getattr__(name):

@@ -13,8 +13,8 @@ random stream, so the same tokens):
   ``enable_gqa`` without expanding the cached heads, layers called through ``F.linear``) that is *bitwise* equal
   to the module path in float32, so the LLM half of every step matches the reference exactly and only the
   stack (incremental vs recomputed) can differ in the last bits; the BSQ feature MLPs called directly (also
-  bitwise).  On the CPU the loop runs single-threaded for small models (``FAST_OPTIONS["cpu_threads"]``); on
-  CUDA an optional CUDA-graph step (``FAST_OPTIONS["cuda_graph"]``, off by default).
+  bitwise).  On the CPU the loop runs single-threaded for small models (option ``cpu_threads``); on CUDA an
+  optional CUDA-graph step (option ``cuda_graph``, off by default).
 * ``reference``: the straightforward loop of the reference (growing caches by concatenation, the stack recomputed
   over the whole sequence every step, ``torch.multinomial``), kept as the baseline for tests and benchmarks.
 
@@ -107,26 +107,19 @@ class _Common:
 
 
 # ---------------------------------------------------------------------------------------------- fast path
-# Options of the fast path (module level so that ``sample()`` keeps its signature; ``set_fast_options``).
+# Options of the fast path, arguments of ``sample_fast`` (and of ``sampling.sample(..., **options)``):
 #
 # ``cuda_graph``: capture the per-step network (features -> LLM -> stack -> head) in a CUDA graph and replay it
 # (CUDA only; sampling stays eager, so the random stream is untouched).  Off by default until measured on a GPU
-# (``python -m uniar_backend.bench --real-size`` reports both).  Env: UNIAR_CUDA_GRAPH=1.
+# (``python -m uniar_backend.bench --real-size`` reports both); None: the environment's UNIAR_CUDA_GRAPH=1.
 #
-# ``cpu_threads``: intra-op threads of the CPU decode loop (the policy: :func:`uniar_backend.runtime.loop_threads`);
-# the previous setting is restored after the loop.
-FAST_OPTIONS = {"cuda_graph": os.environ.get("UNIAR_CUDA_GRAPH", "0") == "1", "cpu_threads": "auto"}
+# ``cpu_threads``: intra-op threads of the CPU decode loop (the policy: :func:`uniar_backend.runtime.loop_threads`:
+# "auto", a count, or None to keep the caller's setting); the previous setting is restored after the loop.
 STACK_MIN_ROWS = int(os.environ.get("UNIAR_STACK_MIN_ROWS", "4"))
 
 
-def set_fast_options(**kw) -> dict:
-    """Update :data:`FAST_OPTIONS`; returns the previous values (to restore them)."""
-    unknown = set(kw) - set(FAST_OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown fast-path option(s) {sorted(unknown)}")
-    old = dict(FAST_OPTIONS)
-    FAST_OPTIONS.update(kw)
-    return old
+def _cuda_graph_default() -> bool:
+    return os.environ.get("UNIAR_CUDA_GRAPH", "0") == "1"
 
 
 def _casts(mod) -> bool:
@@ -372,7 +365,8 @@ class _Sampler:
         return torch.argmax(ratio, dim=-1).view(R, *self.shape)
 
 
-def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=None, logits_out=None, preview=None):
+def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=None, logits_out=None, preview=None,
+                cuda_graph: bool | None = None, cpu_threads="auto"):
     c = _Common(model, prefix, cfg, temperature, generator, callback, logits_out, preview)
     R, L, _ = prefix.embeds.shape
     N = prefix.num_tokens
@@ -380,7 +374,8 @@ def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=Non
     dev, dt = c.device, c.dtype
     total = L + N
     # a CUDA graph replays fixed device work: not for layers that fetch / cast their weights per call
-    static = bool(FAST_OPTIONS.get("cuda_graph")) and dev.type == "cuda" and not any(
+    cuda_graph = _cuda_graph_default() if cuda_graph is None else bool(cuda_graph)
+    static = cuda_graph and dev.type == "cuda" and not any(
         _casts(m) for m in model.modules())
     alloc = torch.zeros if static else torch.empty  # static steps attend over the whole (zeroed) capacity
     llm_cache = KVCache(tc.num_hidden_layers, R, tc.num_key_value_heads, tc.head_dim, total, dev, dt)
@@ -423,7 +418,7 @@ def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=Non
     graph = _GraphStep(network, R, c.shape, L, N, key_mask, cos_all, sin_all, dev) if static and N > 1 else None
 
     out = torch.empty(R, N, *c.shape, dtype=torch.int64, device=dev)
-    threads = _loop_threads(model, dev)
+    threads = _loop_threads(model, dev, cpu_threads)
     saved = torch.get_num_threads()
     if threads is not None and threads != saved:
         torch.set_num_threads(threads)
@@ -452,10 +447,10 @@ def step_weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for m in mods for p in m.parameters())
 
 
-def _loop_threads(model, dev):
+def _loop_threads(model, dev, setting="auto"):
     from ..runtime import loop_threads
 
-    return loop_threads(dev, step_weight_bytes(model), FAST_OPTIONS.get("cpu_threads", "auto"))
+    return loop_threads(dev, step_weight_bytes(model), setting)
 
 
 class _GraphStep:

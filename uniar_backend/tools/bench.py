@@ -31,7 +31,7 @@ import time
 import torch
 
 from .. import prompting
-from ..sampling import MODES, Prefix, sample, set_fast_options
+from ..sampling import MODES, Prefix, sample
 from . import synthetic
 
 
@@ -106,7 +106,7 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed_run(model, prefix, mode, cfg=1.5, seed=0):
+def timed_run(model, prefix, mode, cfg=1.5, seed=0, **options):
     """One image; returns (bits, step end times relative to the start, total seconds, peak MB)."""
     dev = model.device
     marks = []
@@ -119,7 +119,7 @@ def timed_run(model, prefix, mode, cfg=1.5, seed=0):
     _sync(dev)
     with PeakMemory(dev) as pm:
         t0 = time.perf_counter()
-        bits = sample(model, prefix, cfg, 1.0, seed, mode, callback=cb)
+        bits = sample(model, prefix, cfg, 1.0, seed, mode, callback=cb, **options)
         _sync(dev)
         t1 = time.perf_counter()
     return bits, [m - t0 for m in marks], t1 - t0, pm.mb
@@ -388,44 +388,40 @@ def run_real(args) -> dict:
                                           "depth": 4, "deepstack_visual_indexes": [0, 1, 2],
                                           "bsq_hidden_dim": 8192 // k, "out_hidden_size": 4096 // k})
         cfg = synthetic.config_from_dict(d)
-    old = set_fast_options(cuda_graph=False)
-    try:
-        model = synthetic.random_model(cfg, ("llm", "vision", "gen_head"), dev, dtype, seed=args.seed)
-        steps = args.ar_steps
-        rows, cols = grid_for(steps)
-        prefix = make_prefix(model, rows, cols, seed=args.seed)
-        step_bytes = ar_step_bytes(model, 2, prefix.embeds.shape[1] + steps // 2)
-        floor_ms = step_bytes / bw * 1e3
-        res.update(ar_steps=steps, ar_weights_gb=round(step_bytes / 1e9, 2), ar_floor_ms=round(floor_ms, 3))
-        say(f"AR: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters; one step reads "
-            f"{step_bytes / 1e9:.2f} GB -> bandwidth floor {floor_ms:.2f} ms/step")
-        warm = make_prefix(model, *grid_for(16), seed=args.seed)
-        variants = [("fast", False), ("reference", False)]
-        if dev.type == "cuda":
-            variants.insert(1, ("fast", True))
-        ar = {}
-        for mode, graph in variants:
-            set_fast_options(cuda_graph=graph)
-            name = mode + ("+cuda_graph" if graph else "")
-            n_steps = steps if mode == "fast" else min(steps, args.ref_steps)
-            p = prefix if n_steps == steps else make_prefix(model, *grid_for(n_steps), seed=args.seed)
-            timed_run(model, warm, mode, seed=args.seed)
-            bits, marks, total, peak = timed_run(model, p, mode, seed=args.seed)
-            ms = (marks[-1] - marks[0]) / max(1, len(marks) - 1) * 1e3
-            ar[name] = {"steps": n_steps, "ms_per_step": round(ms, 3), "seconds_per_image": round(total, 3),
-                        "over_floor": round(ms / floor_ms, 2), "peak_mb": round(peak, 0),
-                        "bits": bits}
-            say(f"AR {name:18s}: {ms:8.2f} ms/step over {n_steps} steps = {ms / floor_ms:5.2f}x the bandwidth floor; "
-                f"{total:.2f} s; peak {'VRAM' if dev.type == 'cuda' else 'RSS'} {ar[name]['peak_mb']:.0f} MB")
-        if "fast+cuda_graph" in ar:
-            res["cuda_graph_tokens_identical_to_eager"] = bool(torch.equal(ar["fast"]["bits"],
-                                                                           ar["fast+cuda_graph"]["bits"]))
-        for v in ar.values():
-            v.pop("bits")
-        res["ar"] = ar
-        best_ar = min(v["seconds_per_image"] for n_, v in ar.items() if n_.startswith("fast"))
-    finally:
-        set_fast_options(**old)
+    model = synthetic.random_model(cfg, ("llm", "vision", "gen_head"), dev, dtype, seed=args.seed)
+    steps = args.ar_steps
+    rows, cols = grid_for(steps)
+    prefix = make_prefix(model, rows, cols, seed=args.seed)
+    step_bytes = ar_step_bytes(model, 2, prefix.embeds.shape[1] + steps // 2)
+    floor_ms = step_bytes / bw * 1e3
+    res.update(ar_steps=steps, ar_weights_gb=round(step_bytes / 1e9, 2), ar_floor_ms=round(floor_ms, 3))
+    say(f"AR: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters; one step reads "
+        f"{step_bytes / 1e9:.2f} GB -> bandwidth floor {floor_ms:.2f} ms/step")
+    warm = make_prefix(model, *grid_for(16), seed=args.seed)
+    variants = [("fast", False), ("reference", False)]
+    if dev.type == "cuda":
+        variants.insert(1, ("fast", True))
+    ar = {}
+    for mode, graph in variants:
+        opts = {"cuda_graph": graph} if mode == "fast" else {}
+        name = mode + ("+cuda_graph" if graph else "")
+        n_steps = steps if mode == "fast" else min(steps, args.ref_steps)
+        p = prefix if n_steps == steps else make_prefix(model, *grid_for(n_steps), seed=args.seed)
+        timed_run(model, warm, mode, seed=args.seed, **opts)
+        bits, marks, total, peak = timed_run(model, p, mode, seed=args.seed, **opts)
+        ms = (marks[-1] - marks[0]) / max(1, len(marks) - 1) * 1e3
+        ar[name] = {"steps": n_steps, "ms_per_step": round(ms, 3), "seconds_per_image": round(total, 3),
+                    "over_floor": round(ms / floor_ms, 2), "peak_mb": round(peak, 0),
+                    "bits": bits}
+        say(f"AR {name:18s}: {ms:8.2f} ms/step over {n_steps} steps = {ms / floor_ms:5.2f}x the bandwidth floor; "
+            f"{total:.2f} s; peak {'VRAM' if dev.type == 'cuda' else 'RSS'} {ar[name]['peak_mb']:.0f} MB")
+    if "fast+cuda_graph" in ar:
+        res["cuda_graph_tokens_identical_to_eager"] = bool(torch.equal(ar["fast"]["bits"],
+                                                                       ar["fast+cuda_graph"]["bits"]))
+    for v in ar.values():
+        v.pop("bits")
+    res["ar"] = ar
+    best_ar = min(v["seconds_per_image"] for n_, v in ar.items() if n_.startswith("fast"))
     del model, prefix
     if dev.type == "cuda":
         torch.cuda.empty_cache()
