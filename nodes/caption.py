@@ -50,7 +50,6 @@ class UniARCaption(io.ComfyNode):
     @classmethod
     def execute(cls, model, question, max_new_tokens, do_sample, temperature, top_p, top_k, seed,
                 image=None, tokens=None) -> io.NodeOutput:
-        from ..uniar_backend import api
         from ..uniar_backend.errors import InputError
         from . import model_management as mgmt
         from .images import rgb_list
@@ -62,7 +61,7 @@ class UniARCaption(io.ComfyNode):
         check_prompt(question, "question")  # before anything loads
         images = rgb_list(image) if image is not None else None
         components = ("llm", "lm_head") + (("vision",) if images is not None else ())
-        ckpt, m = mgmt.ar_model(model, components)
+        ar = mgmt.ar_model(model, components)
         rows = len(images) if images is not None else tokens.batch_size
         cb = mgmt.progress_callback(rows * int(max_new_tokens))
         kw = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), temperature=float(temperature),
@@ -71,10 +70,10 @@ class UniARCaption(io.ComfyNode):
             answers = []
             for i, im in enumerate(images):  # one call per image: images of a batch may differ in token count
                 done = i * int(max_new_tokens)
-                answers += api.caption(m, ckpt, question, image=im, callback=lambda s, n, d=done: cb(d + s, rows * n),
+                answers += ar.caption(question, image=im, callback=lambda s, n, d=done: cb(d + s, rows * n),
                                        **kw)
         else:
-            answers = api.caption(m, ckpt, question, tokens=tokens, callback=cb, **kw)
+            answers = ar.caption(question, tokens=tokens, callback=cb, **kw)
         text = join_answers(answers)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 

@@ -40,17 +40,16 @@ class UniAREncodeImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image) -> io.NodeOutput:
-        from ..uniar_backend import api
         from ..uniar_backend.tokens import VisualTokens
         from . import model_management as mgmt
 
         images = rgb_list(image)
-        ckpt, m = mgmt.ar_model(model, ("vision",))
+        ar = mgmt.ar_model(model, ("vision",))
         cb = mgmt.progress_callback(len(images))
         out = []
         for i, im in enumerate(images):
             mgmt.check_interrupt()
-            out.append(api.encode_image(m, ckpt, im))
+            out.append(ar.encode(im))
             cb(i + 1, len(images))
         return io.NodeOutput(VisualTokens.cat(out) if len(out) > 1 else out[0])
 
@@ -139,10 +138,10 @@ class UniARGenerate(io.ComfyNode):
                      else (h, w) if edit_images is not None else None)  # edit images are resized to the output
         api.check_generation(n, h, w, float(cfg), edit_side)
         components = ("llm", "gen_head") + (("vision",) if edit_images is not None else ())
-        ckpt, m = mgmt.ar_model(model, components)
+        ar = mgmt.ar_model(model, components)
         grid = (h // sizes.TOKEN_PIXELS, w // sizes.TOKEN_PIXELS)
         progress = mgmt.progress_callback(grid[0] * grid[1])
-        tokens = api.generate(m, ckpt, [prompt] * n, h, w, cfg=float(cfg), temperature=float(temperature),
+        tokens = ar.generate([prompt] * n, h, w, cfg=float(cfg), temperature=float(temperature),
                               seed=int(seed), edit_images=edit_images, edit_tokens=edit_tokens, mode=mode,
                               callback=progress, preview=_LivePreview(progress, grid))
         return io.NodeOutput(tokens)

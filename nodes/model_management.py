@@ -247,8 +247,11 @@ def _resolve(handle: UniARHandle):
     return handle.checkpoint(), dev, dtype, (handle.path, dtype, handle.attention)
 
 
-def ar_model(handle: UniARHandle, components) -> tuple:
-    """-> (checkpoint, UniARModel on the compute device) holding at least ``components``."""
+def ar_model(handle: UniARHandle, components):
+    """-> the AR model (:class:`~uniar_backend.api.UniAR`) on the compute device, holding at least
+    ``components``."""
+    from ..uniar_backend.api import UniAR
+
     want = frozenset(components)
     ckpt, dev, dtype, key = _resolve(handle)
     slot = handle.slot
@@ -276,7 +279,7 @@ def ar_model(handle: UniARHandle, components) -> tuple:
                        "patcher": _patcher(UniARAutoregressive, {"ar": model}, model.dtype)}
         patcher = slot.ar["patcher"]
         _bring_up(patcher)
-        return ckpt, patcher.model.ar
+        return UniAR(ckpt, patcher.model.ar)
 
 
 def decoder_model(handle: UniARHandle):

@@ -43,16 +43,14 @@ def library(model_dir: str, cycles: int) -> list[float]:
 
     from uniar_backend import api
     from uniar_backend.decoder import load_decoder
-    from uniar_backend.loader import Checkpoint
 
     torch.set_num_threads(1)
-    ck = Checkpoint(model_dir)
-    m = ck.load_ar(components=("llm", "lm_head", "gen_head"), device="cpu", dtype="float32")
-    dec = load_decoder(ck, device="cpu", dtype=torch.float32)
+    ar = api.UniAR.load(model_dir, ("llm", "lm_head", "gen_head"), device="cpu", dtype="float32")
+    dec = load_decoder(ar.checkpoint, device="cpu", dtype=torch.float32)
     out = []
     for i in range(cycles):
-        tok = api.generate(m, ck, ["a red cube on a blue table"], 64, 64, seed=i)
-        api.caption(m, ck, "What is it?", tokens=tok, max_new_tokens=8)
+        tok = ar.generate(["a red cube on a blue table"], 64, 64, seed=i)
+        ar.caption("What is it?", tokens=tok, max_new_tokens=8)
         dec.decode(tok, steps=2, seed=i)
         gc.collect()
         out.append(rss_mb())

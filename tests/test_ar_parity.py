@@ -27,7 +27,7 @@ def test_a1_tokenize(name):
     for k, d in enumerate(deep):
         assert (d - g[f"a1.features_llm_deepstack{k}"]).abs().max() < 1e-5
     # through the public API (image file -> tokens)
-    tokens = api.encode_image(m, ck, load_image(TEST_IMAGE))
+    tokens = api.UniAR(ck, m).encode(load_image(TEST_IMAGE))
     assert torch.equal(tokens.indices[0], g["a1.indices_tokens"])
     assert (tokens.ar_height, tokens.ar_width) == (g["a1.image_grid_thw"][0, 1] * 16, g["a1.image_grid_thw"][0, 2] * 16)
 
@@ -41,7 +41,7 @@ def test_generation_goldens(name, case, mode):
     c = GEN_CASES[case]
     info, logits = {}, []
     edit = [load_image(TEST_IMAGE)] if c["edit"] else None
-    tokens = api.generate(m, ck, [c["prompt"]], c["height"], c["width"], cfg=c["cfg"], temperature=1.0,
+    tokens = api.UniAR(ck, m).generate([c["prompt"]], c["height"], c["width"], cfg=c["cfg"], temperature=1.0,
                           seed=c["seed"], edit_images=edit, mode=mode, logits_out=logits, info=info)
     assert torch.equal(info["input_ids"], g["prefix_input_ids"])
     assert torch.equal(info["attention_mask"], g["attention_mask"])
@@ -62,7 +62,7 @@ def test_cfg1_deviation_conditional_rows_only(name):
     ck, m = load_model(name)
     g = golden(name, "b2_t2i_64x64_cfg1.0")
     logits = []
-    tokens = api.generate(m, ck, ["A red cube on a blue table."], 64, 64, cfg=1.0, seed=1234, logits_out=logits)
+    tokens = api.UniAR(ck, m).generate(["A red cube on a blue table."], 64, 64, cfg=1.0, seed=1234, logits_out=logits)
     assert tokens.batch_size == 1 and g["indices"].shape[0] == 2
     assert logits[0].shape[0] == 1
     assert (logits[0][0] - g["vistok_head_logits"][0, 0]).abs().max() < 1e-5
@@ -73,7 +73,7 @@ def test_e1_understanding(name):
     ck, m = load_model(name)
     g = golden(name, "e1_understand")
     info = {}
-    answer = api.caption(m, ck, "What is in this image?", image=load_image(TEST_IMAGE), max_new_tokens=16, info=info)
+    answer = api.UniAR(ck, m).caption("What is in this image?", image=load_image(TEST_IMAGE), max_new_tokens=16, info=info)
     assert torch.equal(info["input_ids"][0], g["input_ids"])
     assert torch.equal(info["positions"][0], g["position_ids"])
     assert info["output_ids"][0] == g["output_ids"][0].tolist()
@@ -87,9 +87,9 @@ def test_e1_understanding(name):
 def test_caption_tokens_equals_caption_image(name):
     ck, m = load_model(name)
     img = load_image(TEST_IMAGE)
-    tokens = api.encode_image(m, ck, img)
-    a = api.caption(m, ck, "Describe it.", image=img, max_new_tokens=12)
-    b = api.caption(m, ck, "Describe it.", tokens=tokens, max_new_tokens=12)
+    tokens = api.UniAR(ck, m).encode(img)
+    a = api.UniAR(ck, m).caption("Describe it.", image=img, max_new_tokens=12)
+    b = api.UniAR(ck, m).caption("Describe it.", tokens=tokens, max_new_tokens=12)
     assert a == b and a[0]
 
 
@@ -98,17 +98,17 @@ def test_caption_from_tokens_needs_no_vision_encoder():
     assert not m.visual.has_encoder
     assert not any(k.startswith("model.visual.blocks") for k in m.state_dict())
     _, full = load_model("uniar-tiny-bsq64")
-    tokens = api.encode_image(full, ck, load_image(TEST_IMAGE))
-    assert api.caption(m, ck, "What is in this image?", tokens=tokens, max_new_tokens=16) == \
+    tokens = api.UniAR(ck, full).encode(load_image(TEST_IMAGE))
+    assert api.UniAR(ck, m).caption("What is in this image?", tokens=tokens, max_new_tokens=16) == \
         [" wasscri wind systemDeDeDeDeDeDeDeDeDeDeDeDe"]
 
 
 def test_edit_from_generated_tokens_shared_context():
     """Edit from tokens (no re-encoding): identical to feeding the same bits through the encoder path."""
     ck, m = load_model("uniar-tiny-bsq64")
-    t2i = api.generate(m, ck, ["a house"], 64, 96, seed=3)
-    a = api.generate(m, ck, ["make it red"], 64, 64, seed=5, edit_tokens=t2i)
-    b = api.generate(m, ck, ["make it red"], 64, 64, seed=5, edit_tokens=t2i, mode="reference")
+    t2i = api.UniAR(ck, m).generate(["a house"], 64, 96, seed=3)
+    a = api.UniAR(ck, m).generate(["make it red"], 64, 64, seed=5, edit_tokens=t2i)
+    b = api.UniAR(ck, m).generate(["make it red"], 64, 64, seed=5, edit_tokens=t2i, mode="reference")
     assert torch.equal(a.indices, b.indices)
     # reading tokens back from a file gives the same edit
     assert a.batch_size == 1
@@ -118,16 +118,16 @@ def test_batch_and_sampling_options_fast_equals_reference():
     ck, m = load_model("uniar-tiny")
     kw = dict(prompts=["a cat", "", "a much longer prompt with many more words than the first"], height=64,
               width=96, cfg=3.0, temperature=0.7, seed=2**63 + 5)
-    a = api.generate(m, ck, mode="fast", **kw)
-    b = api.generate(m, ck, mode="reference", **kw)
+    a = api.UniAR(ck, m).generate(mode="fast", **kw)
+    b = api.UniAR(ck, m).generate(mode="reference", **kw)
     assert a.batch_size == 3 and torch.equal(a.indices, b.indices)
-    c = api.generate(m, ck, mode="fast", **{**kw, "seed": 1})
+    c = api.UniAR(ck, m).generate(mode="fast", **{**kw, "seed": 1})
     assert not torch.equal(a.indices, c.indices)
 
 
 def test_empty_prompt_is_an_unconditional_sample():
     ck, m = load_model("uniar-tiny")
-    t = api.generate(m, ck, [""], 32, 32, cfg=1.5, seed=0)
+    t = api.UniAR(ck, m).generate([""], 32, 32, cfg=1.5, seed=0)
     assert t.indices.shape == (1, 1, 4, 4)
 
 
@@ -139,7 +139,7 @@ def test_bf16_first_step_logits(case):
     g = golden("uniar-tiny-bsq64-bf16", case)
     c = GEN_CASES[case]
     logits = []
-    api.generate(m, ck, [c["prompt"]], c["height"], c["width"], cfg=c["cfg"], seed=c["seed"],
+    api.UniAR(ck, m).generate([c["prompt"]], c["height"], c["width"], cfg=c["cfg"], seed=c["seed"],
                  edit_images=[load_image(TEST_IMAGE)] if c["edit"] else None, logits_out=logits)
     ref = g["vistok_head_logits"][0]
     fp32 = golden("uniar-tiny-bsq64", case)["vistok_head_logits"][0]
@@ -152,5 +152,5 @@ def test_bf16_understanding_tokens():
     ck, m = load_model("uniar-tiny-bsq64", dtype="bfloat16")
     g = golden("uniar-tiny-bsq64-bf16", "e1_understand")
     info = {}
-    api.caption(m, ck, "What is in this image?", image=load_image(TEST_IMAGE), max_new_tokens=16, info=info)
+    api.UniAR(ck, m).caption("What is in this image?", image=load_image(TEST_IMAGE), max_new_tokens=16, info=info)
     assert info["output_ids"][0] == g["output_ids"][0].tolist()

@@ -43,7 +43,7 @@ def edit_config(folder, **changes):
 def test_bad_sizes(h, w, msg):
     ck, m = load_model("uniar-tiny")
     with pytest.raises(InputError, match=msg):
-        api.generate(m, ck, ["x"], h, w)
+        api.UniAR(ck, m).generate(["x"], h, w)
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(cfg=-1), "cfg"), (dict(cfg=float("nan")), "cfg"),
@@ -52,7 +52,7 @@ def test_bad_sizes(h, w, msg):
 def test_bad_sampling_values(kw, msg):
     ck, m = load_model("uniar-tiny")
     with pytest.raises(InputError, match=msg):
-        api.generate(m, ck, ["x"], 64, 64, **kw)
+        api.UniAR(ck, m).generate(["x"], 64, 64, **kw)
 
 
 def test_prompt_longer_than_context(tmp_path):
@@ -61,13 +61,13 @@ def test_prompt_longer_than_context(tmp_path):
     ck = Checkpoint(folder)
     m = ck.load_ar(components=("llm", "gen_head"), device="cpu", dtype="float32")
     with pytest.raises(InputError, match="exceed the model's context of 64 tokens"):
-        api.generate(m, ck, ["word " * 80], 64, 64)
+        api.UniAR(ck, m).generate(["word " * 80], 64, 64)
 
 
 def test_reserved_tokens_in_prompt():
     ck, m = load_model("uniar-tiny")
     with pytest.raises(InputError, match="reserved token"):
-        api.generate(m, ck, ["a <|image_pad|> b"], 64, 64)
+        api.UniAR(ck, m).generate(["a <|image_pad|> b"], 64, 64)
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -137,17 +137,17 @@ def test_missing_tokenizer(tmp_path):
     ck = Checkpoint(folder)
     m = ck.load_ar(components=("llm", "gen_head"), device="cpu")
     with pytest.raises(CheckpointError, match="tokenizer"):
-        api.generate(m, ck, ["x"], 32, 32)
+        api.UniAR(ck, m).generate(["x"], 32, 32)
 
 
 def test_tokens_of_another_model():
     ck16, m16 = load_model("uniar-tiny")
     ck64, m64 = load_model("uniar-tiny-bsq64")
-    t64 = api.generate(m64, ck64, ["x"], 32, 32)
+    t64 = api.UniAR(ck64, m64).generate(["x"], 32, 32)
     with pytest.raises(TokenError, match="incompatible model"):
-        api.caption(m16, ck16, "what?", tokens=t64, max_new_tokens=2)
+        api.UniAR(ck16, m16).caption("what?", tokens=t64, max_new_tokens=2)
     with pytest.raises(TokenError, match="incompatible model"):
-        api.generate(m16, ck16, ["edit"], 32, 32, edit_tokens=t64)
+        api.UniAR(ck16, m16).generate(["edit"], 32, 32, edit_tokens=t64)
 
 
 def test_unreadable_image_cli(tmp_path):
@@ -175,16 +175,16 @@ def test_caption_bad_values():
     ck, m = load_model("uniar-tiny")
     img = load_image(TEST_IMAGE)
     with pytest.raises(InputError, match="either an image or visual tokens"):
-        api.caption(m, ck, "q")
+        api.UniAR(ck, m).caption("q")
     with pytest.raises(InputError, match="max_new_tokens"):
-        api.caption(m, ck, "q", image=img, max_new_tokens=0)
+        api.UniAR(ck, m).caption("q", image=img, max_new_tokens=0)
     with pytest.raises(InputError, match="top_p"):
-        api.caption(m, ck, "q", image=img, do_sample=True, top_p=0)
+        api.UniAR(ck, m).caption("q", image=img, do_sample=True, top_p=0)
 
 
 def test_missing_component():
     ck, m = load_model("uniar-tiny", components=("llm", "lm_head"))
     with pytest.raises(InputError, match="gen_head"):
-        api.generate(m, ck, ["x"], 32, 32)
+        api.UniAR(ck, m).generate(["x"], 32, 32)
     with pytest.raises(InputError, match="vision"):
-        api.encode_image(m, ck, load_image(TEST_IMAGE))
+        api.UniAR(ck, m).encode(load_image(TEST_IMAGE))

@@ -85,11 +85,11 @@ def test_ar_model_with_lazy_layers_loads_and_matches(name):
     got = dict(lazy.state_dict())
     assert got.keys() == ref.keys()
     assert all(torch.equal(got[k], ref[k]) for k in ref)
-    a = api.generate(lazy, ck, ["a red cube"], 64, 64, seed=3)
-    b = api.generate(plain, ck0, ["a red cube"], 64, 64, seed=3)
+    a = api.UniAR(ck, lazy).generate(["a red cube"], 64, 64, seed=3)
+    b = api.UniAR(ck0, plain).generate(["a red cube"], 64, 64, seed=3)
     assert torch.equal(a.indices, b.indices)
     img = load_image(TEST_IMAGE)
-    assert torch.equal(api.encode_image(lazy, ck, img).indices, api.encode_image(plain, ck0, img).indices)
+    assert torch.equal(api.UniAR(ck, lazy).encode(img).indices, api.UniAR(ck0, plain).encode(img).indices)
 
 
 def test_adding_components_to_a_lazy_model_reuses_its_tensors():

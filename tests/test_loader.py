@@ -31,8 +31,8 @@ def test_sharded_checkpoint_loads_identically(tmp_path):
     ck = Checkpoint(folder)
     m = ck.load_ar(device="cpu", dtype="bfloat16")
     ck0, m0 = load_model("uniar-tiny-bsq64", dtype="bfloat16")
-    a = api.generate(m, ck, ["a red cube"], 64, 64, seed=1)
-    b = api.generate(m0, ck0, ["a red cube"], 64, 64, seed=1)
+    a = api.UniAR(ck, m).generate(["a red cube"], 64, 64, seed=1)
+    b = api.UniAR(ck0, m0).generate(["a red cube"], 64, 64, seed=1)
     assert torch.equal(a.indices, b.indices)
     assert m.fingerprint == m0.fingerprint  # fingerprint independent of storage dtype/sharding
 
@@ -50,8 +50,8 @@ def test_attention_backends_agree():
     ck, sdpa = load_model("uniar-tiny-bsq64", attention="sdpa")
     _, eager = load_model("uniar-tiny-bsq64", attention="eager")
     la, lb = [], []
-    ta = api.generate(sdpa, ck, ["a dog"], 64, 96, seed=11, logits_out=la)
-    tb = api.generate(eager, ck, ["a dog"], 64, 96, seed=11, logits_out=lb)
+    ta = api.UniAR(ck, sdpa).generate(["a dog"], 64, 96, seed=11, logits_out=la)
+    tb = api.UniAR(ck, eager).generate(["a dog"], 64, 96, seed=11, logits_out=lb)
     assert (la[0] - lb[0]).abs().max() < 1e-5
     assert torch.equal(ta.indices, tb.indices)
 
@@ -60,7 +60,7 @@ def test_generation_does_not_touch_global_rng():
     ck, m = load_model("uniar-tiny")
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    api.generate(m, ck, ["x"], 32, 32, seed=5)
+    api.UniAR(ck, m).generate(["x"], 32, 32, seed=5)
     assert torch.equal(before, torch.get_rng_state())
 
 
@@ -81,7 +81,7 @@ def test_import_is_cheap():
 def test_callback_progress_and_cancel():
     ck, m = load_model("uniar-tiny")
     seen = []
-    api.generate(m, ck, ["x"], 64, 64, callback=lambda i, n: seen.append((i, n)))
+    api.UniAR(ck, m).generate(["x"], 64, 64, callback=lambda i, n: seen.append((i, n)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
     class Cancelled(Exception):
@@ -94,11 +94,11 @@ def test_callback_progress_and_cancel():
     import pytest
 
     with pytest.raises(Cancelled):
-        api.generate(m, ck, ["x"], 64, 64, callback=cancel)
+        api.UniAR(ck, m).generate(["x"], 64, 64, callback=cancel)
     # the model is still usable after a cancel
-    assert api.generate(m, ck, ["x"], 64, 64, seed=0).indices.shape == (1, 4, 4, 4)
+    assert api.UniAR(ck, m).generate(["x"], 64, 64, seed=0).indices.shape == (1, 4, 4, 4)
     txt = []
-    api.caption(m, ck, "q", image=load_image(TEST_IMAGE), max_new_tokens=3, callback=lambda i, n: txt.append(i))
+    api.UniAR(ck, m).caption("q", image=load_image(TEST_IMAGE), max_new_tokens=3, callback=lambda i, n: txt.append(i))
     assert txt == [1, 2, 3]
 
 
@@ -122,7 +122,7 @@ def test_add_components_reuses_loaded_tensors(monkeypatch):
     assert both.language_model.layers[0].mlp.up_proj.weight.data_ptr() == kept.data_ptr()
     assert read and all(k.startswith(("lm_head", "model.visual.")) for k in read)
     assert not any(k.startswith("model.visual.bsq_output_proj") for k in read)  # codebook side was loaded
-    assert api.caption(both, ck, "What is in this image?", image=load_image(TEST_IMAGE), max_new_tokens=16) == \
+    assert api.UniAR(ck, both).caption("What is in this image?", image=load_image(TEST_IMAGE), max_new_tokens=16) == \
         [" wasscri wind systemDeDeDeDeDeDeDeDeDeDeDeDe"]
 
 
@@ -146,5 +146,5 @@ def test_chat_template_json_layout(tmp_path):
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": tpl}))
     ck = Checkpoint(folder)
     m = ck.load_ar(components=("llm", "lm_head", "vision"), device="cpu", dtype="float32")
-    assert api.caption(m, ck, "What is in this image?", image=load_image(TEST_IMAGE), max_new_tokens=16) == \
+    assert api.UniAR(ck, m).caption("What is in this image?", image=load_image(TEST_IMAGE), max_new_tokens=16) == \
         [" wasscri wind systemDeDeDeDeDeDeDeDeDeDeDeDe"]

@@ -250,7 +250,7 @@ def test_out_of_memory_is_one_line(tmp_path, monkeypatch, error):
     def oom(*a, **k):
         raise error
 
-    monkeypatch.setattr(api, "generate", oom)
+    monkeypatch.setattr(api.UniAR, "generate", oom)
     r = run_cli("generate", "--model", MODEL, "--prompt", "x", "--height", 64, "--width", 64, "--out",
                 tmp_path / "o.safetensors", check=False)
     assert r.returncode == 3 and r.stderr.startswith("error: out of memory") and r.stderr.count("\n") == 1
@@ -261,7 +261,7 @@ def test_other_runtime_errors_are_not_called_out_of_memory(tmp_path, monkeypatch
     def bug(*a, **k):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(api, "generate", bug)
+    monkeypatch.setattr(api.UniAR, "generate", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         run_cli("generate", "--model", MODEL, "--prompt", "x", "--height", 64, "--width", 64, "--out",
                 tmp_path / "o.safetensors", check=False)
@@ -308,14 +308,14 @@ def test_reserved_tokens_in_questions_are_refused_like_prompts(question):
     ck, m = load_model("uniar-tiny-bsq64", components=("llm", "lm_head"))
     tok = VisualTokens(torch.zeros(1, 4, 4, 4, dtype=torch.int64), 64, 64, 64, 4, 4)
     with pytest.raises(InputError, match="question contains the reserved token"):
-        api.caption(m, ck, question, tokens=tok, max_new_tokens=2)
+        api.UniAR(ck, m).caption(question, tokens=tok, max_new_tokens=2)
 
 
 def test_edit_count_message_for_one_prompt():
     ck, m = load_model("uniar-tiny-bsq64", components=("llm", "gen_head"))
     tok = VisualTokens(torch.zeros(3, 4, 4, 4, dtype=torch.int64), 64, 64, 64, 4, 4)
     with pytest.raises(InputError) as e:
-        api.generate(m, ck, ["x"], 64, 64, edit_tokens=tok)
+        api.UniAR(ck, m).generate(["x"], 64, 64, edit_tokens=tok)
     assert "give 1 or 1" not in str(e.value) and "3 images for 1 prompt(s); give 1" in str(e.value)
 
 

@@ -283,7 +283,7 @@ def test_goldens(name, mode):
         g = load_file(path)
         ei = [load_image(os.path.join(GOLDEN, "test_image.png"))] if edit else None
         info, lo = {}, []
-        toks = api.generate(m, ck, [prompt], h, w, cfg=1.5, temperature=1.0, seed=seed, edit_images=ei, mode=mode,
+        toks = api.UniAR(ck, m).generate([prompt], h, w, cfg=1.5, temperature=1.0, seed=seed, edit_images=ei, mode=mode,
                             logits_out=lo, info=info)
         assert torch.equal(info["input_ids"], g["prefix_input_ids"]), gname
         assert torch.equal(toks.indices, g["indices"]), gname
@@ -311,7 +311,7 @@ def test_golden_cfg1_both_rows(name):
     meta = json.load(open(os.path.join(GOLDEN, name, "manifest.json")))["steps"][gname]
     ck = Checkpoint(os.path.join(FIXTURES, name))
     m = ck.load_ar(device="cpu", dtype="float32")
-    prefix, info = api.build_prefix(m, ck, [meta["prompt"], ""], meta["ar_height"], meta["ar_width"], meta["cfg"])
+    prefix, info = api.UniAR(ck, m).prefix([meta["prompt"], ""], meta["ar_height"], meta["ar_width"], meta["cfg"])
     assert torch.equal(info["input_ids"], g["prefix_input_ids"])
     for mode in ("fast", "reference"):
         lo = []

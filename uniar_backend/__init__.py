@@ -3,8 +3,7 @@
 Importing this package is cheap: torch, transformers and diffusers are imported by the submodules that need
 them.  Entry points::
 
-    from uniar_backend.loader import Checkpoint
-    from uniar_backend import api            # encode_image, generate, caption
+    from uniar_backend.api import UniAR      # UniAR.load(folder, components) -> encode, generate, caption
     from uniar_backend.decoder import load_decoder
     python -m uniar_backend --help           # CLI
 """

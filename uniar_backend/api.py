@@ -1,7 +1,8 @@
-"""High-level operations: tokenize an image, generate / edit image tokens, caption / answer questions.
+"""The AR model as one object, :class:`UniAR`: tokenize an image, generate / edit image tokens, caption / answer
+questions (the counterpart of the decoder's :class:`~uniar_backend.decoder.UniARDecoder`).
 
-Every function validates its inputs before any heavy work and runs on the device of ``model``'s parameters, so
-a caller (e.g. ComfyUI's model management) may move the model between devices between calls.
+Every operation validates its inputs before any heavy work and runs on the model's compute device, so a host
+(e.g. ComfyUI's model management) may move the model between devices between calls.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _as_image_list(images) -> list:
 
 # ---------------------------------------------------------------------------------------------- encoding
 @torch.inference_mode()
-def encode_image(model, ckpt, image) -> VisualTokens:
+def _encode_image(model, ckpt, image) -> VisualTokens:
     """Image(s) -> visual tokens, through the Qwen3-VL fast-processor path (what understanding uses).
 
     ``image``: a PIL image, a float tensor [H, W, 3] / [B, H, W, 3] in 0..1, or a list of those (all must
@@ -114,7 +115,7 @@ def _edit_image_inputs(model, ckpt, B, edit_images, height, width):
     return out
 
 
-def build_prefix(model, ckpt, prompts: Sequence[str], height: int, width: int, cfg: float,
+def _build_prefix(model, ckpt, prompts: Sequence[str], height: int, width: int, cfg: float,
                  edit: list | None = None, max_context: int | None = None) -> tuple[Prefix, dict]:
     """Prompt rows (conditional, then unconditional when cfg > 1), left padding, mRoPE ids, embeddings."""
     mc = model.cfg
@@ -165,7 +166,7 @@ def build_prefix(model, ckpt, prompts: Sequence[str], height: int, width: int, c
 
 
 @torch.inference_mode()
-def generate(model, ckpt, prompts, height: int, width: int, cfg: float = 1.5, temperature: float = 1.0,
+def _generate(model, ckpt, prompts, height: int, width: int, cfg: float = 1.5, temperature: float = 1.0,
              seed: int = 0, edit_images=None, edit_tokens: VisualTokens | None = None, mode: str = "fast",
              callback: Callback | None = None, logits_out: list | None = None,
              info: dict | None = None, preview=None) -> VisualTokens:
@@ -189,7 +190,7 @@ def generate(model, ckpt, prompts, height: int, width: int, cfg: float = 1.5, te
     edit = _edit_inputs(model, ckpt, B, edit_images, edit_tokens)
     if edit is None and edit_images is not None:
         edit = _edit_image_inputs(model, ckpt, B, edit_images, height, width)
-    prefix, meta = build_prefix(model, ckpt, prompts, height, width, cfg, edit)
+    prefix, meta = _build_prefix(model, ckpt, prompts, height, width, cfg, edit)
     if info is not None:
         info.update(meta)
     bits = sample(model, prefix, float(cfg), float(temperature), _seed_value(seed), mode, callback, logits_out,
@@ -200,7 +201,7 @@ def generate(model, ckpt, prompts, height: int, width: int, cfg: float = 1.5, te
 
 # ---------------------------------------------------------------------------------------------- understanding
 @torch.inference_mode()
-def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None = None, max_new_tokens: int = 256,
+def _caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None = None, max_new_tokens: int = 256,
             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
             callback: Callback | None = None, info: dict | None = None) -> list[str]:
     """Answer ``question`` about each image (or each row of ``tokens``): the Qwen3-VL chat flow of the
@@ -272,3 +273,81 @@ def caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None 
             info.setdefault("output_ids", []).append(out_ids)
         answers.append(tok.decode(out_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
     return answers
+
+
+# ---------------------------------------------------------------------------------------------- the AR object
+class UniAR:
+    """A loaded UniAR AR model with what it needs from its checkpoint (tokenizer, processor and generation
+    configs, eos ids): ``encode``, ``generate``, ``caption``.
+
+    ``UniAR.load(path_or_checkpoint, components=..., device=..., dtype=..., attention=..., ops=...)`` reads only
+    the components asked for; ``add(components)`` returns a model with more components, taking the loaded tensors
+    over.  ``model`` is the :class:`~uniar_backend.modeling.uniar.UniARModel` (modules), ``checkpoint`` the
+    :class:`~uniar_backend.loader.Checkpoint`."""
+
+    def __init__(self, checkpoint, model):
+        self.checkpoint = checkpoint
+        self.model = model
+
+    @classmethod
+    def load(cls, checkpoint, components=None, **options) -> "UniAR":
+        from .loader import Checkpoint
+        from .modeling.uniar import COMPONENTS
+
+        ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        return cls(ck, ck.load_ar(components=components or COMPONENTS, **options))
+
+    def add(self, components, **options) -> "UniAR":
+        """This model with ``components`` added (the loaded tensors are taken over; this object must not be used
+        afterwards)."""
+        return UniAR(self.checkpoint, self.checkpoint.load_ar(components=components, reuse=self.model, **options))
+
+    def __repr__(self):
+        return f"UniAR({self.checkpoint.name}, {list(self.model.components)}, {self.device}, {self.dtype})"
+
+    # what the model owns from its checkpoint
+    @property
+    def tokenizer(self):
+        return self.checkpoint.tokenizer
+
+    @property
+    def processor_config(self):
+        return self.checkpoint.processor_config
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.checkpoint.eos_token_ids()
+
+    @property
+    def components(self) -> tuple:
+        return tuple(self.model.components)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def fingerprint(self) -> str:
+        return self.model.fingerprint
+
+    # operations
+    def encode(self, image) -> VisualTokens:
+        """Image(s) -> visual tokens (see :func:`_encode_image`)."""
+        return _encode_image(self.model, self.checkpoint, image)
+
+    def generate(self, prompts, height: int, width: int, **options) -> VisualTokens:
+        """Image tokens for each prompt: text-to-image, or an edit with ``edit_images`` / ``edit_tokens`` (options
+        of :func:`_generate`: cfg, temperature, seed, mode, callback, preview, ...)."""
+        return _generate(self.model, self.checkpoint, prompts, height, width, **options)
+
+    def caption(self, question: str, image=None, tokens: VisualTokens | None = None, **options) -> list[str]:
+        """Answer ``question`` about each image or token row (options of :func:`_caption`)."""
+        return _caption(self.model, self.checkpoint, question, image=image, tokens=tokens, **options)
+
+    def prefix(self, prompts, height: int, width: int, cfg: float, edit=None) -> tuple:
+        """The sampler's input rows for ``prompts`` (parity tests and benchmarks)."""
+        return _build_prefix(self.model, self.checkpoint, prompts, height, width, cfg, edit)

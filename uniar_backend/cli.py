@@ -66,12 +66,10 @@ def read_text_file(path: str, what: str) -> str:
 
 
 def cmd_tokenize(args):
-    from . import api
     from .preprocess import load_image
 
     image = load_image(args.image)
-    ckpt, model = load_components(args, ("vision",))
-    tokens = api.encode_image(model, ckpt, image)
+    tokens = load_components(args, ("vision",)).encode(image)
     tokens.save(args.out)
     print(f"{args.out}: {tokens.batch_size} x {tokens.indices.shape[1]} tokens "
           f"({tokens.ar_height}x{tokens.ar_width} px, bsq_dim {tokens.bsq_dim})")
@@ -84,7 +82,6 @@ def cmd_generate(args):
 
 
 def cmd_caption(args):
-    from . import api
     from .preprocess import load_image
     from .tokens import VisualTokens
 
@@ -94,8 +91,7 @@ def cmd_caption(args):
     image = load_image(args.image) if args.image else None
     tokens = VisualTokens.load(args.tokens) if args.tokens else None
     components = ("llm", "lm_head") + (("vision",) if image is not None else ())
-    ckpt, model = load_components(args, components)
-    answers = api.caption(model, ckpt, args.question, image=image, tokens=tokens, max_new_tokens=args.max_new_tokens,
+    answers = load_components(args, components).caption(args.question, image=image, tokens=tokens, max_new_tokens=args.max_new_tokens,
                           do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed)
     text = "\n".join(answers)

@@ -11,11 +11,10 @@ from .sampling import IMAGE_SAMPLERS  # the sampler registry (torch-free)
 
 
 def load_components(args, components):
-    from .loader import Checkpoint
+    """The AR model (:class:`~uniar_backend.api.UniAR`) with only ``components``, as the command's flags say."""
+    from .api import UniAR
 
-    ckpt = Checkpoint(args.model)
-    model = ckpt.load_ar(components=components, device=args.device, dtype=args.dtype, attention=args.attention)
-    return ckpt, model
+    return UniAR.load(args.model, components, device=args.device, dtype=args.dtype, attention=args.attention)
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -53,9 +52,9 @@ def run_generate(args, edit: bool = True, progress_label: str = "generate"):
     edit_images = [load_image(image)] if image else None
     tokens_in = VisualTokens.load(edit_tokens) if edit_tokens else None
     components = ("llm", "gen_head") + (("vision",) if edit_images else ())
-    ckpt, model = load_components(args, components)
+    ar = load_components(args, components)
     progress = terminal_progress(progress_label)
-    return api.generate(model, ckpt, [args.prompt] * args.batch_size, args.height, args.width, cfg=args.cfg,
+    return ar.generate([args.prompt] * args.batch_size, args.height, args.width, cfg=args.cfg,
                         temperature=args.temperature, seed=args.seed, edit_images=edit_images,
                         edit_tokens=tokens_in, mode=args.mode, callback=progress)
 
