@@ -143,14 +143,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return "float32"
 
 
-def resolve_attention(attention: str, device: torch.device, dtype: str) -> str:
-    """The attention backend for the *compute* device (weights are read on the offload device)."""
-    from ..uniar_backend.runtime import resolve_attention as backend_attention
-    from ..uniar_backend.runtime import resolve_dtype as backend_dtype
-
-    return backend_attention(attention, device, backend_dtype(dtype, device))
-
-
 def comfy_ops():
     """Layers whose weights ComfyUI can stream (low-VRAM) and cast on the fly.  Weight dtype = compute dtype
     here, so ``disable_weight_init`` (the ops ComfyUI itself uses in that case) is the right set: ModelPatcher
@@ -295,12 +287,9 @@ def decoder_model(handle: UniARHandle):
                 slot.dec = None
                 _release(entry["patcher"])
                 del entry
-            attention = resolve_attention(handle.attention, dev, dtype)
-            dec = load_decoder(ckpt, device=offload_device(), dtype=dtype,
-                               attention="sdpa" if attention == "flash_attention_2" else attention,
-                               ops=comfy_ops())
-            if attention == "flash_attention_2":
-                _set_decoder_attention(dec, attention)
+            # weights are read onto the offload device; the attention backend is chosen for the compute device
+            dec = load_decoder(ckpt, device=offload_device(), compute_device=dev, dtype=dtype,
+                               attention=handle.attention, ops=comfy_ops())
             modules = {name: getattr(dec, name) for name in ("transformer", "vae", "bsq_proj", "text_encoders")
                        if isinstance(getattr(dec, name, None), torch.nn.Module)}
             first = next(iter(modules.values()))
@@ -309,17 +298,6 @@ def decoder_model(handle: UniARHandle):
         _bring_up(slot.dec["patcher"])
         _set_compute_device(slot.dec["decoder"], slot.dec["patcher"].load_device)
         return ckpt, slot.dec["decoder"]
-
-
-def _set_decoder_attention(dec, attention: str) -> None:
-    try:
-        from ..uniar_backend.decoder.sd3 import set_attention
-    except ImportError:
-        return
-    for name, is_vae in (("transformer", False), ("vae", True)):
-        m = getattr(dec, name, None)
-        if m is not None:
-            set_attention(m, attention, vae=is_vae)
 
 
 def unload_all() -> None:

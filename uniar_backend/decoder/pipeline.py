@@ -260,7 +260,7 @@ def _dynamic_shift_mu(cfg, image_seq_len: int) -> float:
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_decoder(ckpt_or_path, device="auto", dtype="auto", attention="auto", cache_dir=None, ops=None,
-                 decoder_prompt: str | None = None) -> UniARDecoder:
+                 decoder_prompt: str | None = None, compute_device=None) -> UniARDecoder:
     """Load the decoder parts of a UniAR checkpoint (safetensors only, no network, no remote code).
 
     Order keeps the peak low: the decoder-prompt embeddings are resolved first (from the cache, or by loading the
@@ -270,14 +270,17 @@ def load_decoder(ckpt_or_path, device="auto", dtype="auto", attention="auto", ca
     ``dtype`` auto/float32/bfloat16/float16; ``attention`` auto/sdpa/eager/flash_attention_2 (DiT; the VAE uses
     sdpa, or eager when asked); ``cache_dir`` for the prompt embeddings (default: ``<checkpoint>/.uniar_cache``
     when writable, else ``~/.cache/uniar/...``); ``ops`` a layer namespace (e.g. ``comfy.ops``) for the BSQ
-    projections; ``decoder_prompt`` the prompt prepared up front (default: UniAR's constant decoder prompt)."""
+    projections; ``decoder_prompt`` the prompt prepared up front (default: UniAR's constant decoder prompt);
+    ``compute_device`` (default: ``device``) where it will run, which decides the attention backend and the
+    ``auto`` dtype (a host may load onto an offload device and move or stream the weights later)."""
     from ..runtime import resolve_attention, resolve_device, resolve_dtype
     from . import components as C
 
     root = C.checkpoint_root(ckpt_or_path)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    backend = resolve_attention(attention, dev, dt)
+    cdev = resolve_device(compute_device) if compute_device is not None else dev
+    dt = resolve_dtype(dtype, cdev)
+    backend = resolve_attention(attention, cdev, dt)
     # Cheap checks of every part first, so a missing or truncated file fails before anything heavy is loaded.
     sched_cfg = C.check_parts(root)
     cache_dir = os.path.abspath(os.fspath(cache_dir)) if cache_dir is not None else None
@@ -288,6 +291,8 @@ def load_decoder(ckpt_or_path, device="auto", dtype="auto", attention="auto", ca
     vae = C.load_vae(root, dev, dt, backend)
     dec = UniARDecoder(root, transformer, vae, bsq_proj, sched_cfg, fingerprint, cache_dir)
     dec.attention = backend
+    if cdev != dev:
+        dec.device = cdev
     dec.set_prompt_embeddings(emb)
     return dec
 
