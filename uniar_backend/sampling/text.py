@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ..modeling.text import KVCache, run_layers
+from .image import _rms_fn, _signed_sin, _Steps, linear_call
 
 
 def pick_greedy(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
@@ -52,6 +53,10 @@ def generate_text(model, embeds, positions, next_pos: int, max_new_tokens: int, 
     logits = model.lm_head(lm.norm(h[:, -1]))
     if scores is not None:
         scores.append(logits.float().cpu())
+    # the decode steps: the image sampler's lean single-position layer step (bitwise equal to the module path in
+    # float32), the final norm and the text head as lean calls too
+    steps = _Steps(lm.layers, cache)
+    norm, head = _rms_fn(lm.norm), linear_call(model.lm_head)
     out = []
     for k in range(max_new_tokens):
         nxt = pick(logits, generator, **(pick_options or {}))
@@ -63,9 +68,8 @@ def generate_text(model, embeds, positions, next_pos: int, max_new_tokens: int, 
             break
         p = torch.full((3, 1, 1), next_pos + k, dtype=torch.long, device=dev)
         cos, sin = model.rope(p, dt)
-        h = run_layers(lm.layers, lm.embed_tokens(nxt.view(1, 1)), cos, sin, None, cache, model.attention)
-        cache.length += 1
-        logits = model.lm_head(lm.norm(h[:, -1]))
+        h = steps.step(lm.embed_tokens(nxt.view(1, 1)), cos, _signed_sin(sin), L + k, None)
+        logits = head(norm(h[:, -1]))
         if scores is not None:
             scores.append(logits.float().cpu())
     return out
