@@ -57,6 +57,10 @@ def generate_text(model, embeds, positions, next_pos: int, max_new_tokens: int, 
     # float32), the final norm and the text head as lean calls too
     steps = _Steps(lm.layers, cache)
     norm, head = _rms_fn(lm.norm), linear_call(model.lm_head)
+    # rotary tables of every answer position at once (elementwise: bitwise equal to per-step tables)
+    p_all = torch.arange(next_pos, next_pos + max_new_tokens, device=dev).view(1, 1, -1).expand(3, 1, -1)
+    cos_all, sin_all = model.rope(p_all, dt)
+    sin_all = _signed_sin(sin_all)
     out = []
     for k in range(max_new_tokens):
         nxt = pick(logits, generator, **(pick_options or {}))
@@ -66,9 +70,7 @@ def generate_text(model, embeds, positions, next_pos: int, max_new_tokens: int, 
             callback(k + 1)
         if t in eos or k + 1 == max_new_tokens:
             break
-        p = torch.full((3, 1, 1), next_pos + k, dtype=torch.long, device=dev)
-        cos, sin = model.rope(p, dt)
-        h = steps.step(lm.embed_tokens(nxt.view(1, 1)), cos, _signed_sin(sin), L + k, None)
+        h = steps.step(lm.embed_tokens(nxt.view(1, 1)), cos_all[:, k : k + 1], sin_all[:, k : k + 1], L + k, None)
         logits = head(norm(h[:, -1]))
         if scores is not None:
             scores.append(logits.float().cpu())
