@@ -56,9 +56,10 @@ class UniARCaption(io.ComfyNode):
 
         if (image is None) == (tokens is None):
             raise InputError("UniAR Caption needs exactly one input: connect an image or visual tokens")
-        from ..uniar_backend.prompting import check_prompt
+        from ..uniar_backend.api import check_caption_args
 
-        check_prompt(question, "question")  # before anything loads
+        check_caption_args(question, int(max_new_tokens), bool(do_sample), float(temperature), float(top_p),
+                           int(top_k), int(seed))  # before anything loads
         images = rgb_list(image) if image is not None else None
         components = ("llm", "lm_head") + (("vision",) if images is not None else ())
         ar = mgmt.ar_model(model, components)

@@ -104,8 +104,7 @@ class UniARGenerate(io.ComfyNode):
     @classmethod
     def execute(cls, model, prompt, aspect_ratio, width, height, cfg, temperature, seed, batch_size,
                 edit_image=None, edit_tokens=None, mode="fast") -> io.NodeOutput:
-        from ..uniar_backend import api
-        from ..uniar_backend.prompting import check_prompt
+        from ..uniar_backend.api import check_generate_args
         from . import model_management as mgmt
 
         if edit_image is not None and edit_tokens is not None:
@@ -131,12 +130,9 @@ class UniARGenerate(io.ComfyNode):
                 raise _input_error(str(e)) from None
         # Checked here, before any weights load, rather than in validate_inputs: ComfyUI repeats a failed
         # validate_inputs once per input it takes, and its own per-input min / max checks already cover the ranges.
-        api.check_size(h, w)
-        api.check_sampling(cfg, temperature, seed)
-        check_prompt(prompt)
         edit_side = ((edit_tokens.ar_height, edit_tokens.ar_width) if edit_tokens is not None
                      else (h, w) if edit_images is not None else None)  # edit images are resized to the output
-        api.check_generation(n, h, w, float(cfg), edit_side)
+        check_generate_args([prompt] * n, h, w, float(cfg), float(temperature), int(seed), mode, edit_side)
         components = ("llm", "gen_head") + (("vision",) if edit_images is not None else ())
         ar = mgmt.ar_model(model, components)
         grid = (h // sizes.TOKEN_PIXELS, w // sizes.TOKEN_PIXELS)

@@ -69,22 +69,22 @@ token_meta = st.fixed_dictionaries({
 @FUZZ
 @given(header=headers, data=st.binary(max_size=300), truncate=st.integers(0, 40))
 def test_safetensors_headers(tmp_path, header, data, truncate):
-    from uniar_backend.checkpoint import _read_header
+    from uniar_backend.checkpoint import read_header
 
     blob = safetensors_bytes(header, data)
     p = tmp_path / "x.safetensors"
     p.write_bytes(blob[: max(0, len(blob) - truncate)] if truncate % 3 == 0 else blob)
-    parses_or_refuses(_read_header, str(p))
+    parses_or_refuses(read_header, str(p))
 
 
 @FUZZ
 @given(blob=st.binary(max_size=64), length=st.integers(0, 2**64 - 1))
 def test_safetensors_garbage(tmp_path, blob, length):
-    from uniar_backend.checkpoint import _read_header
+    from uniar_backend.checkpoint import read_header
 
     p = tmp_path / "g.safetensors"
     p.write_bytes(struct.pack("<Q", length) + blob)
-    parses_or_refuses(_read_header, str(p))
+    parses_or_refuses(read_header, str(p))
 
 
 # ---------------------------------------------------------------------------------------------- tokens files

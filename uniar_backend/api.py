@@ -53,6 +53,39 @@ def _as_image_list(images) -> list:
     return [images]
 
 
+# ---------------------------------------------------------------------------------------------- argument checks
+# The checks each operation runs first; hosts (the CLI, the ComfyUI nodes) call them too before loading weights,
+# so a bad value fails in a second.
+def check_generate_args(prompts, height: int, width: int, cfg: float, temperature: float, seed: int,
+                        mode: str = "fast", edit_side: tuple[int, int] | None = None) -> list[str]:
+    """Prompts (str or list), size, sampling values, the sampler name and the cache the generation will hold
+    (``edit_side``: the edit input's size, when known).  Returns the prompts as a list."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise InputError("no prompt given (an empty string is fine: it gives an unconditional sample)")
+    prompts = [prompting.check_prompt(p) for p in prompts]
+    check_size(height, width)
+    check_sampling(cfg, temperature, seed)
+    image_sampler(mode)  # a registered sampler
+    check_generation(len(prompts), height, width, cfg, edit_side)
+    return prompts
+
+
+def check_caption_args(question: str, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
+                       top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> None:
+    prompting.check_prompt(question, "question")
+    if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 32768:
+        raise InputError(f"max_new_tokens must be in 1..32768, got {max_new_tokens!r}")
+    if do_sample:
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise InputError(f"temperature must be > 0, got {temperature!r}")
+        if not (0 < top_p <= 1):
+            raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+        if top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {top_k!r}")
+    check_seed(seed)
+
+
 # ---------------------------------------------------------------------------------------------- encoding
 @torch.inference_mode()
 def _encode_image(model, ckpt, image) -> VisualTokens:
@@ -177,14 +210,7 @@ def _generate(model, ckpt, prompts, height: int, width: int, cfg: float = 1.5, t
     and return only the conditional rows, so such tokens differ from the reference (half the work).
 
     ``preview``: see :func:`uniar_backend.sampling.sample` (the bits drawn so far, every ``preview.every`` steps)."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = [prompting.check_prompt(p) for p in prompts]
-    if not prompts:
-        raise InputError("no prompt given (an empty string is fine: it gives an unconditional sample)")
-    check_size(height, width)
-    check_sampling(cfg, temperature, seed)
-    image_sampler(mode)  # a registered sampler, or a clear error before any work
+    prompts = check_generate_args(prompts, height, width, cfg, temperature, seed, mode)
     _need(model, "llm", "gen_head")
     B = len(prompts)
     edit = _edit_inputs(model, ckpt, B, edit_images, edit_tokens)
@@ -207,19 +233,9 @@ def _caption(model, ckpt, question: str, image=None, tokens: VisualTokens | None
     """Answer ``question`` about each image (or each row of ``tokens``): the Qwen3-VL chat flow of the
     reference (checkpoint chat template, BSQ-quantised vision features, final norm + lm_head), greedy by default,
     stopping at the checkpoint's eos tokens.  Returns one answer per image."""
-    question = prompting.check_prompt(question, "question")
+    check_caption_args(question, max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     if (image is None) == (tokens is None):
         raise InputError("give either an image or visual tokens to caption")
-    if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 32768:
-        raise InputError(f"max_new_tokens must be in 1..32768, got {max_new_tokens!r}")
-    if do_sample:
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise InputError(f"temperature must be > 0, got {temperature!r}")
-        if not (0 < top_p <= 1):
-            raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
-        if top_k < 0:
-            raise InputError(f"top_k must be >= 0, got {top_k!r}")
-    check_seed(seed)
     _need(model, "llm", "lm_head")
     pick = text_sampler("sampling" if do_sample else "greedy")
     pick_options = {"temperature": temperature, "top_k": top_k, "top_p": top_p}

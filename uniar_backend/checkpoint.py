@@ -32,8 +32,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _read_header(path: str) -> dict:
-    """Read a safetensors header without loading tensors; raise CheckpointError if the file is corrupt."""
+def read_header(path: str, fix: str = "re-download it") -> dict:
+    """Read a safetensors header without loading tensors and check it against the file (offsets, dtypes, sizes);
+    a CheckpointError ending in ``fix`` if the file is corrupt."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -45,9 +46,9 @@ def _read_header(path: str) -> dict:
                 raise ValueError(f"header length {n} does not fit the file size {size}")
             header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a valid .safetensors file ({e}); re-download it") from None
+        raise CheckpointError(f"{path}: not a valid .safetensors file ({e}); {fix}") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a valid .safetensors file (bad header); re-download it")
+        raise CheckpointError(f"{path}: not a valid .safetensors file (bad header); {fix}")
     data_len = size - 8 - n
     covered = 0
     for key, info in header.items():
@@ -58,10 +59,10 @@ def _read_header(path: str) -> dict:
             shape, dtype = [int(x) for x in info["shape"]], info["dtype"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor '{key}' has no valid offsets / shape / dtype; the file is corrupt; "
-                                  "re-download it") from None
+                                  f"{fix}") from None
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len):
             raise CheckpointError(
-                f"{path}: tensor '{key}' lies beyond the end of the file (truncated download?); re-download it"
+                f"{path}: tensor '{key}' lies beyond the end of the file (truncated download?); {fix}"
             )
         if dtype not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor '{key}' has dtype {str(dtype)[:20]!r}, which UniAR checkpoints do "
@@ -71,12 +72,34 @@ def _read_header(path: str) -> dict:
             numel *= x
         if min(shape, default=0) < 0 or numel * _SAFETENSORS_DTYPES[dtype].itemsize != end - start:
             raise CheckpointError(f"{path}: tensor '{key}' ({dtype} {shape}) does not match its {end - start} bytes; "
-                                  "the file is corrupt; re-download it")
+                                  f"the file is corrupt; {fix}")
         covered = max(covered, end)
     if covered != data_len:
         raise CheckpointError(f"{path}: the file is {data_len - covered} bytes longer than its header describes "
-                              "(an incomplete or damaged download?); re-download it")
+                              f"(an incomplete or damaged download?); {fix}")
     return header
+
+
+def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
+    """A .safetensors file with a deterministic header (keys sorted, metadata sorted), byte for byte the same
+    for the same tensors (``safetensors.save_file`` orders the metadata by a hash map: it changes run to run)."""
+    names = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+    header, offset, blobs = {}, 0, []
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    if metadata:
+        header = {"__metadata__": {str(k): str(v) for k, v in sorted(metadata.items())}, **header}
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for b in blobs:
+            f.write(b)
 
 
 class WeightFiles:
@@ -114,14 +137,14 @@ class WeightFiles:
                 )
             for fn in files:
                 path = os.path.join(folder, fn)
-                self.headers[path] = _read_header(path)
+                self.headers[path] = read_header(path)
             for key, fn in weight_map.items():
                 path = os.path.join(folder, fn)
                 if key not in self.headers[path]:
                     raise CheckpointError(f"{path}: tensor '{key}' listed in the index is not in the shard")
                 self.key_to_file[key] = path
         elif os.path.isfile(single):
-            self.headers[single] = _read_header(single)
+            self.headers[single] = read_header(single)
             self.key_to_file = {k: single for k in self.headers[single] if k != "__metadata__"}
         else:
             pickles = [fn for fn in (os.listdir(folder) if os.path.isdir(folder) else [])

@@ -10,7 +10,7 @@ import sys
 
 from .cli_common import add_generate_args, load_components, run_generate, terminal_progress
 from .errors import UniARError
-from .limits import ATTENTION_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES
+from .limits import ATTENTION_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, IMAGE_FORMATS
 
 
 def common_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def common_parser() -> argparse.ArgumentParser:
 
 
 TOKEN_SUFFIXES = (".safetensors",)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_SUFFIXES = tuple(IMAGE_FORMATS)
 # what each command writes: (argument, suffixes that name its format; () = any)
 OUTPUTS = {"tokenize": (("out", TOKEN_SUFFIXES),), "generate": (("out", TOKEN_SUFFIXES),),
            "caption": (("out", ()),), "decode": (("out", IMAGE_SUFFIXES),),
@@ -85,9 +85,10 @@ def cmd_caption(args):
     from .preprocess import load_image
     from .tokens import VisualTokens
 
-    from .prompting import check_prompt
+    from .api import check_caption_args
 
-    check_prompt(args.question, "question")
+    check_caption_args(args.question, args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.top_k,
+                       args.seed)
     image = load_image(args.image) if args.image else None
     tokens = VisualTokens.load(args.tokens) if args.tokens else None
     components = ("llm", "lm_head") + (("vision",) if image is not None else ())
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("download", help="fetch a checkpoint from the Hugging Face Hub: only the files this pack reads",
-                       description="Downloads the files the UniAR loaders read (about 30 of the repository's 74 GB: "
+                       description="Downloads the files the UniAR loaders read (about 26 of the repository's 74 GB: "
                                    "see README), resuming interrupted files, after checking the free disk space.")
     p.add_argument("--repo", default="ShareLab-SII/UniAR-SFT", help="Hub repository (default ShareLab-SII/UniAR-SFT)")
     p.add_argument("--out", required=True, help="checkpoint folder to create or complete, e.g. models/uniar/UniAR-SFT")

@@ -33,21 +33,16 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 def run_generate(args, edit: bool = True, progress_label: str = "generate"):
     """Validate, load only the components needed, generate; the model is freed when this returns."""
-    from . import api
+    from .api import check_generate_args
     from .errors import InputError
     from .preprocess import load_image
     from .tokens import VisualTokens
 
-    from .prompting import check_prompt
-
     if not 1 <= args.batch_size <= 64:
         raise InputError(f"--batch-size must be in 1..64, got {args.batch_size}")
-    api.check_size(args.height, args.width)
-    api.check_sampling(args.cfg, args.temperature, args.seed)
-    check_prompt(args.prompt)
     image = getattr(args, "image", None) if edit else None
-    api.check_generation(args.batch_size, args.height, args.width, args.cfg,
-                         (args.height, args.width) if image else None)
+    check_generate_args([args.prompt] * args.batch_size, args.height, args.width, args.cfg, args.temperature,
+                        args.seed, args.mode, (args.height, args.width) if image else None)
     edit_tokens = getattr(args, "image_tokens", None) if edit else None
     edit_images = [load_image(image)] if image else None
     tokens_in = VisualTokens.load(edit_tokens) if edit_tokens else None

@@ -15,24 +15,31 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _refuse_special(path: str) -> None:
-    """``os.replace`` replaces whatever is at ``path``: a folder, a device node (``/dev/null`` as root), a pipe.
-    Only a missing path or a regular file (or a link to one) may be replaced."""
+def path_kind(path: str) -> str:
+    """What is at ``path``: "missing", "file" (a regular file, or a link to one), "folder", "special" (a device,
+    pipe or socket), "loop" (a symbolic-link loop) or "broken" (a link to nothing)."""
+    import errno
     import stat
 
-    from .errors import InputError
-
-    if not os.path.lexists(path):
-        return
     try:
         mode = os.stat(path).st_mode
-    except OSError:
-        mode = os.lstat(path).st_mode  # a broken link: replacing the link itself is fine
-        if stat.S_ISLNK(mode):
-            return
-    if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a device, pipe or socket)"
-        raise InputError(f"{path} is {kind}; refusing to replace it")
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "loop"
+        return "broken" if os.path.islink(path) else "missing"
+    return "file" if stat.S_ISREG(mode) else "folder" if stat.S_ISDIR(mode) else "special"
+
+
+def _refuse_special(path: str) -> None:
+    """``os.replace`` replaces whatever is at ``path``: a folder, a device node (``/dev/null`` as root), a pipe.
+    Only a missing path, a regular file (or a link to one) or a broken link may be replaced."""
+    from .errors import InputError
+
+    kind = path_kind(path)
+    if kind in ("folder", "special", "loop"):
+        what = {"folder": "a folder", "loop": "a symbolic-link loop"}.get(
+            kind, "not a regular file (a device, pipe or socket)")
+        raise InputError(f"{path} is {what}; refusing to replace it")
 
 
 @contextmanager
@@ -57,28 +64,18 @@ def atomic_path(path: str | os.PathLike, prefix: str = ".uniar_", suffix: str = 
 def check_input_file(path, what: str = "file", error=None) -> str:
     """``path`` as a readable regular file, or an error (``error``, default InputError) that says what it is
     instead (missing, a folder, a link loop, a device)."""
-    import errno
-    import stat
-
     from .errors import InputError
 
-    InputError = error or InputError  # noqa: N806  (the class raised below)
-
+    err = error or InputError
     path = os.fspath(path) if path is not None else ""
     if not path:
-        raise InputError(f"no {what} given (empty path)")
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise InputError(f"{what} {path} is a symbolic-link loop") from None
-        if os.path.islink(path):
-            raise InputError(f"{what} {path} is a broken symbolic link") from None
-        raise InputError(f"{what} not found: {path}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise InputError(f"{what} {path} is a folder, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{what} {path} is not a regular file (a device, pipe or socket)")
+        raise err(f"no {what} given (empty path)")
+    kind = path_kind(path)
+    if kind != "file":
+        raise err({"missing": f"{what} not found: {path}", "loop": f"{what} {path} is a symbolic-link loop",
+                   "broken": f"{what} {path} is a broken symbolic link",
+                   "folder": f"{what} {path} is a folder, not a file",
+                   "special": f"{what} {path} is not a regular file (a device, pipe or socket)"}[kind])
     return path
 
 
@@ -86,23 +83,18 @@ def check_output_file(path, what: str = "--out", suffixes: tuple[str, ...] = ())
     """Check a destination before any work: a non-empty path whose existing target (if any) is a regular file we
     may replace, whose suffix is one of ``suffixes`` (when given), in a folder where a file can be created
     (probed by creating and removing one, so read-only file systems are found too)."""
-    import stat
-
     from .errors import InputError
 
     path = os.fspath(path) if path is not None else ""
     if not path.strip():
         raise InputError(f"{what} is empty: give a file path")
-    if os.path.lexists(path):
-        try:
-            st = os.stat(path)
-        except OSError:
-            raise InputError(f"{what} {path} is a broken or looping symbolic link; remove it or choose another path") \
-                from None
-        if stat.S_ISDIR(st.st_mode):
-            raise InputError(f"{what} {path} is a folder; give a file path inside it")
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"{what} {path} is not a regular file (a device, pipe or socket); refusing to replace it")
+    kind = path_kind(path)
+    if kind in ("loop", "broken"):
+        raise InputError(f"{what} {path} is a broken or looping symbolic link; remove it or choose another path")
+    if kind == "folder":
+        raise InputError(f"{what} {path} is a folder; give a file path inside it")
+    if kind == "special":
+        raise InputError(f"{what} {path} is not a regular file (a device, pipe or socket); refusing to replace it")
     if suffixes and os.path.splitext(path)[1].lower() not in suffixes:
         raise InputError(f"{what} {path}: use one of the suffixes {', '.join(suffixes)} (the suffix names the format)")
     folder = os.path.dirname(os.path.abspath(path))

@@ -12,6 +12,7 @@ from .errors import InputError
 TOKEN_PIXELS = 32  # patch 16 x spatial merge 2: one merged visual token covers 32x32 pixels
 MAX_SIDE = 4096  # pixels per side of an AR image (16384 merged tokens at 4096x4096)
 MAX_SEED = 2**64 - 1
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # what a decoded image's suffix writes
 MAX_TOKEN_BATCH = 256  # token rows in one tokens value / file (Generate makes at most 64 at a time)
 MAX_LEVELS = 16  # code levels of a token (UniAR: 4 = final layer + 3 DeepStack)
 MAX_MERGE_UNIT = 16  # sub-patches of a merged token (UniAR: 4 = 2x2)

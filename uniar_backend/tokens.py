@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import bsq
-from .errors import TokenError
+from .checkpoint import read_header, write_safetensors  # noqa: F401  (write_safetensors: also public here)
+from .errors import CheckpointError, TokenError
 from .limits import MAX_LEVELS, MAX_MERGE_UNIT, MAX_SIDE, MAX_TOKEN_BATCH
 from .limits import TOKEN_PIXELS as PATCH_PER_TOKEN  # one merged token covers 32x32 pixels
 
@@ -169,15 +170,13 @@ class VisualTokens:
         the limits) before the tensor is read, so a file cannot make this allocate more than a valid one."""
         from safetensors import safe_open
 
-        from .checkpoint import _read_header
-        from .errors import CheckpointError
         from .fileio import check_input_file
 
         path = check_input_file(os.fspath(path), "visual tokens file", TokenError)
         try:
-            header = _read_header(path)
+            header = read_header(path, fix="it is not a valid tokens file")
         except CheckpointError as e:
-            raise TokenError(str(e).replace("re-download it", "it is not a valid tokens file")) from None
+            raise TokenError(str(e)) from None
         meta = header.get("__metadata__") or {}
         keys = [k for k in header if k != "__metadata__"]
         if "indices" not in keys:
@@ -224,28 +223,3 @@ class VisualTokens:
         """Bits ``[B, N, levels, merge_unit, d]`` -> tokens."""
         return cls(bsq.bits_to_indices(bits).cpu(), ar_height, ar_width, int(bits.shape[-1]), int(bits.shape[2]),
                    int(bits.shape[3]), fingerprint)
-
-
-def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
-    """A .safetensors file with a deterministic header (keys sorted, metadata sorted), byte for byte the same
-    for the same tensors (``safetensors.save_file`` orders the metadata by a hash map: it changes run to run)."""
-    import json
-
-    dtypes = {torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.float32: "F32",
-              torch.float16: "F16", torch.bfloat16: "BF16"}
-    header, offset, blobs = {}, 0, []
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
-    if metadata:
-        header = {"__metadata__": {str(k): str(v) for k, v in sorted(metadata.items())}, **header}
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for b in blobs:
-            f.write(b)

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import InputError
 from ..fileio import atomic_path
+from ..limits import IMAGE_FORMATS
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -24,7 +25,7 @@ def output_paths(path: str | os.PathLike, count: int) -> list[str]:
     return [f"{stem}_{i:05d}{ext or '.png'}" for i in range(count)]
 
 
-FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", "": "PNG"}
+FORMATS = {**IMAGE_FORMATS, "": "PNG"}  # no suffix: PNG
 
 
 def save_images(images: torch.Tensor, path: str | os.PathLike, metadata: dict | None = None) -> list[str]:
