@@ -11,6 +11,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+from ..uniar_backend.quant import FORMATS, check_format
 from . import checkpoints
 from .compat import UniARModel, advanced
 
@@ -22,6 +23,11 @@ DTYPE_TIP = ("Weights and compute precision. auto: float32 on the CPU, bfloat16 
              "(else float16). bfloat16 halves the memory of float32; results differ slightly from float32.")
 ATTENTION_TIP = ("Attention kernel. auto: flash_attention_2 when the flash-attn package is installed and a CUDA "
                  "GPU computes in half precision, else PyTorch sdpa. eager is the slow reference.")
+WEIGHTS = ("as stored",) + FORMATS
+WEIGHTS_TIP = ("Weight format of the language model, the generation head and the DiT. 'as stored': as the folder "
+               "holds them (a folder converted with `python -m uniar_backend quantize` loads quantised). int8 / "
+               "fp8 / int4 quantise a bf16 folder while loading: int8 (about 9 GB for t2i at 1024x1024, for 12 GB "
+               "cards) is the closest to bf16, int4 (about 6 GB, for 8 GB cards) the smallest.")
 MODEL_OUT_TIP = ("The UniAR model (a light handle: the nodes that use it load only the parts they need, through "
                  "ComfyUI's model management).")
 
@@ -38,14 +44,19 @@ def _runtime_inputs() -> list:
     return [
         io.Combo.Input("dtype", options=list(checkpoints.DTYPES), default="auto", tooltip=DTYPE_TIP),
         advanced(io.Combo.Input, "attention", options=list(checkpoints.ATTENTIONS), default="auto", tooltip=ATTENTION_TIP),
+        io.Combo.Input("weights", options=list(WEIGHTS), default="as stored", tooltip=WEIGHTS_TIP, optional=True),
     ]
 
 
-def _handle(path: str, dtype: str, attention: str):
+def _handle(path: str, dtype: str, attention: str, weights: str = "as stored"):
     from .model_management import UniARHandle, get_checkpoint
 
-    get_checkpoint(path)  # cheap: reads config.json, raises a clear CheckpointError for a wrong folder
-    return UniARHandle(path=os.path.abspath(path), dtype=dtype, attention=attention)
+    ck = get_checkpoint(path)  # cheap: reads config.json, raises a clear CheckpointError for a wrong folder
+    fmt = None if weights in (None, "as stored") else check_format(weights)
+    if fmt is not None and ck.weight_format not in (None, fmt):
+        raise ValueError(f"{ck.name} is stored in {ck.weight_format}; set weights to 'as stored' (or "
+                         f"{ck.weight_format}), or pick the bf16 checkpoint to load it as {fmt}")
+    return UniARHandle(path=os.path.abspath(path), dtype=dtype, attention=attention, weights=fmt)
 
 
 class UniARModelLoader(io.ComfyNode):
@@ -81,11 +92,11 @@ class UniARModelLoader(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, ckpt_name, dtype="auto", attention="auto") -> io.NodeOutput:
+    def execute(cls, ckpt_name, dtype="auto", attention="auto", weights="as stored") -> io.NodeOutput:
         path = checkpoints.find_checkpoint(ckpt_name, uniar_folders())
         if path is None:
             raise FileNotFoundError(f"UniAR checkpoint '{ckpt_name}' not found in {uniar_folders()}")
-        return io.NodeOutput(_handle(path, dtype, attention))
+        return io.NodeOutput(_handle(path, dtype, attention, weights))
 
 
 class UniARDownloadModel(io.ComfyNode):
@@ -111,14 +122,14 @@ class UniARDownloadModel(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, repo_id, dtype="auto", attention="auto") -> io.NodeOutput:
+    def execute(cls, repo_id, dtype="auto", attention="auto", weights="as stored") -> io.NodeOutput:
         folders = uniar_folders()
         if not folders:
             raise RuntimeError("no 'uniar' model folder is registered (the UniAR pack registers models/uniar)")
         local = checkpoints.hub_local_dir(repo_id, folders)
         if not checkpoints.checkpoint_looks_complete(local):
             _download(repo_id, local)
-        return io.NodeOutput(_handle(local, dtype, attention))
+        return io.NodeOutput(_handle(local, dtype, attention, weights))
 
 
 def _download(repo_id: str, local: str) -> None:

@@ -88,11 +88,12 @@ class UniARHandle:
     path: str
     dtype: str = "auto"
     attention: str = "auto"
+    weights: str | None = None  # int8 / fp8 / int4: quantise a float folder while loading (None: as stored)
     slot: _Slot = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.slot is None:
-            object.__setattr__(self, "slot", _slot_for((self.path, self.dtype, self.attention)))
+            object.__setattr__(self, "slot", _slot_for((self.path, self.dtype, self.attention, self.weights)))
 
     @property
     def name(self) -> str:
@@ -102,7 +103,8 @@ class UniARHandle:
         return get_checkpoint(self.path)
 
     def __repr__(self):
-        return f"UniAR({self.name}, dtype={self.dtype}, attention={self.attention})"
+        w = f", weights={self.weights}" if self.weights else ""
+        return f"UniAR({self.name}, dtype={self.dtype}, attention={self.attention}{w})"
 
 
 _CHECKPOINTS: dict = {}
@@ -236,7 +238,7 @@ def _resolve(handle: UniARHandle):
     """-> (checkpoint, compute device, dtype name, cache key) of a handle."""
     dev = load_device()
     dtype = resolve_dtype(handle.dtype, dev)
-    return handle.checkpoint(), dev, dtype, (handle.path, dtype, handle.attention)
+    return handle.checkpoint(), dev, dtype, (handle.path, dtype, handle.attention, handle.weights)
 
 
 def ar_model(handle: UniARHandle, components):
@@ -265,7 +267,8 @@ def ar_model(handle: UniARHandle, components):
             order = [c for c in ("llm", "vision", "lm_head", "gen_head") if c in union]
             # weights are read onto the offload device; the attention backend is chosen for the compute device
             model = ckpt.load_ar(components=order, device=offload_device(), compute_device=dev, dtype=dtype,
-                                 attention=handle.attention, ops=comfy_ops(), reuse=previous)
+                                 attention=handle.attention, ops=comfy_ops(), reuse=previous,
+                                 weights=handle.weights)
             del previous
             slot.ar = {"key": key, "components": frozenset(union),
                        "patcher": _patcher(UniARAutoregressive, {"ar": model}, model.dtype)}
@@ -289,7 +292,7 @@ def decoder_model(handle: UniARHandle):
                 del entry
             # weights are read onto the offload device; the attention backend is chosen for the compute device
             dec = load_decoder(ckpt, device=offload_device(), compute_device=dev, dtype=dtype,
-                               attention=handle.attention, ops=comfy_ops())
+                               attention=handle.attention, ops=comfy_ops(), weights=handle.weights)
             modules = {name: getattr(dec, name) for name in ("transformer", "vae", "bsq_proj", "text_encoders")
                        if isinstance(getattr(dec, name, None), torch.nn.Module)}
             first = next(iter(modules.values()))

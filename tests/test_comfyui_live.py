@@ -345,3 +345,38 @@ def test_load_tokens_roundtrip(server):
     assert_success(server, entry)
     sizes = {n: image_size(server, it) for n, it in outputs_of(entry, "images")}
     assert sizes["6"] == (128, 128), sizes
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantised_weights_match_the_cli(server, weights, tmp_path):
+    """The loader's ``weights`` input quantises while loading: the same tokens as the CLI's ``--weights``; the
+    image decodes through the quantised DiT."""
+    wf = with_ckpt(load_api_workflow("text_to_image"), "uniar-tiny")
+    for node in wf.values():
+        if node["class_type"] == "UniARModelLoader":
+            node["inputs"]["weights"] = weights
+    entry = server.run(wf, timeout=600)
+    assert_success(server, entry)
+    assert outputs_of(entry, "images")
+    (nid, item), = outputs_of(entry, "uniar_tokens")
+    ours, _ = _load_tokens(server.output_path(item))
+    gen = wf[wf[nid]["inputs"]["tokens"][0]]["inputs"]
+    _run_cli("generate", "--model", os.path.join(server.base, "uniar_models", "uniar-tiny"), "--prompt",
+             gen["prompt"], "--height", gen["height"], "--width", gen["width"], "--cfg", gen["cfg"],
+             "--temperature", gen["temperature"], "--seed", gen["seed"], "--batch-size", gen["batch_size"],
+             "--out", tmp_path / "cli.safetensors", "--device", "cpu", "--weights", weights)
+    cli, _ = _load_tokens(tmp_path / "cli.safetensors")
+    assert bool((ours == cli).all()), "ComfyUI tokens differ from the CLI's"
+
+
+def test_converted_folder_runs_in_comfyui(server):
+    """A folder written by `quantize` is listed by the loader and runs every step (t2i, caption)."""
+    dst = os.path.join(server.base, "uniar_models", "uniar-tiny-fp8")
+    if not os.path.isdir(dst):
+        _run_cli("quantize", "--model", os.path.join(server.base, "uniar_models", "uniar-tiny"), "--format", "fp8",
+                 "--out", dst)
+    for name in ("text_to_image", "caption"):
+        if name not in WORKFLOWS:
+            continue
+        entry = server.run(with_ckpt(load_api_workflow(name), "uniar-tiny-fp8"), timeout=600)
+        assert_success(server, entry)

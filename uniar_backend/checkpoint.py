@@ -30,6 +30,8 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+if hasattr(torch, "float8_e4m3fn"):  # the fp8 weight format (uniar_backend.quant)
+    _SAFETENSORS_DTYPES["F8_E4M3"] = torch.float8_e4m3fn
 
 
 def read_header(path: str, fix: str = "re-download it") -> dict:
@@ -83,23 +85,45 @@ def read_header(path: str, fix: str = "re-download it") -> dict:
 def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
     """A .safetensors file with a deterministic header (keys sorted, metadata sorted), byte for byte the same
     for the same tensors (``safetensors.save_file`` orders the metadata by a hash map: it changes run to run)."""
+    spec = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    write_safetensors_streaming(path, spec, lambda names: {n: tensors[n] for n in names}, metadata)
+
+
+def write_safetensors_streaming(path: str, spec: dict, produce: Callable[[list], dict],
+                                metadata: dict | None = None) -> int:
+    """:func:`write_safetensors` with the tensors made on demand: ``spec`` maps each name to ``(dtype, shape)``
+    (the header is written first), ``produce(names)`` returns the tensors of a few names at a time (in sorted
+    order, grouped by their common prefix), so only those are in memory.  Returns the bytes written."""
     names = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
-    header, offset, blobs = {}, 0, []
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
+    header, offset = {}, 0
+    order = sorted(spec)
+    for name in order:
+        dt, shape = spec[name]
+        n = dt.itemsize
+        for x in shape:
+            n *= int(x)
+        header[name] = {"dtype": names[dt], "shape": [int(x) for x in shape], "data_offsets": [offset, offset + n]}
+        offset += n
     if metadata:
         header = {"__metadata__": {str(k): str(v) for k, v in sorted(metadata.items())}, **header}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    groups: dict[str, list[str]] = {}
+    for name in order:  # the tensors of one layer come from one source tensor: ask for them together
+        groups.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    made: dict = {}
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for b in blobs:
-            f.write(b)
+        for name in order:  # in header order; a group's other tensors wait in ``made`` until their turn
+            if name not in made:
+                made.update(produce(groups.pop(name.rsplit(".", 1)[0])))
+            t = made.pop(name).detach().to("cpu").contiguous()
+            if (t.dtype, tuple(t.shape)) != (spec[name][0], tuple(spec[name][1])):
+                raise RuntimeError(f"{name}: produced {t.dtype} {tuple(t.shape)}, announced {spec[name]}")
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return 8 + len(raw) + offset
 
 
 class WeightFiles:
@@ -215,19 +239,35 @@ def unexpected_keys(available, wanted) -> list[str]:
     return sorted(k for k in available if k not in wanted and _container(k) in loaded)
 
 
-def build_on_meta(factory: Callable[[object], torch.nn.Module], ops=None):
+def build_on_meta(factory: Callable[[object], torch.nn.Module], ops=None, post: Callable | None = None):
     """``factory(ops)`` built on the meta device, and the layout of its tensors.
 
     -> ``(module, layout)``; ``layout`` maps every state-dict key the module will hold to a meta tensor of its
     shape and dtype.  It is read from a twin built with plain ``torch.nn`` layers (``factory(None)``), not from
     ``module.state_dict()``: a layer class may create its weights lazily (ComfyUI's ``comfy.ops`` layers under
     dynamic VRAM keep ``weight = None`` until ``_load_from_state_dict`` hands them a tensor), so the module's own
-    state dict does not list every key it loads.  Building twice on the meta device costs no memory."""
+    state dict does not list every key it loads.  Building twice on the meta device costs no memory.
+    ``post(module)`` runs on both (e.g. replacing layers by quantised ones)."""
     with torch.device("meta"):
         module = factory(ops)
         twin = module if ops is None else factory(None)
+        if post is not None:
+            post(module)
+            if twin is not module:
+                post(twin)
         layout = dict(twin.state_dict(keep_vars=True))
     return module, layout
+
+
+def _stored(t) -> bool:
+    """A tensor kept in its stored dtype (the codes and scales of a quantised layer), not the compute dtype."""
+    return bool(getattr(t, "uniar_stored", False))
+
+
+def _target_dtype(slot, t: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    if _stored(slot):
+        return slot.dtype
+    return dtype if t.is_floating_point() else slot.dtype
 
 
 def load_module_weights(
@@ -271,6 +311,11 @@ def load_module_weights(
                 f"{files.key_to_file[ck]}: tensor '{ck}' has shape {shape}, config.json implies "
                 f"{list(state[mk].shape)}; the weights do not match the config"
             )
+        if _stored(state[mk]) and fdtype != state[mk].dtype:
+            raise CheckpointError(
+                f"{files.key_to_file[ck]}: tensor '{ck}' is stored as {fdtype}, but this weight format keeps it as "
+                f"{state[mk].dtype}; the folder mixes weight formats or is damaged: convert the float checkpoint again"
+            )
         if fdtype.is_floating_point != state[mk].is_floating_point() or (fdtype == torch.bool) != (
                 state[mk].dtype == torch.bool):
             raise CheckpointError(
@@ -285,7 +330,7 @@ def load_module_weights(
         for ck, mk in list(wanted.items()):
             t = preloaded.get(mk)
             if t is not None and list(t.shape) == list(state[mk].shape) and t.device.type != "meta":
-                new_state[mk] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                new_state[mk] = t.to(device=device, dtype=_target_dtype(state[mk], t, dtype))
                 del wanted[ck]
     by_file: dict[str, list[str]] = {}
     for ck in wanted:
@@ -295,8 +340,7 @@ def load_module_weights(
         for ck in keys:
             t = tensors.pop(ck)
             mk = wanted[ck]
-            tdtype = dtype if t.is_floating_point() else state[mk].dtype
-            new_state[mk] = t.to(device=device, dtype=tdtype)
+            new_state[mk] = t.to(device=device, dtype=_target_dtype(state[mk], t, dtype))
         del tensors
     module.load_state_dict(new_state, strict=True, assign=True)
     loaded = module.state_dict(keep_vars=True)

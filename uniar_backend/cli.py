@@ -11,6 +11,7 @@ import sys
 from .cli_common import add_generate_args, load_components, run_generate, terminal_progress
 from .errors import UniARError
 from .limits import ATTENTION_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, IMAGE_FORMATS
+from .quant import FORMATS as WEIGHT_FORMATS
 
 
 def common_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,9 @@ def common_parser() -> argparse.ArgumentParser:
                    help="weights/compute dtype (default auto: float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                    help="attention kernel (auto: flash_attention_2 when importable on CUDA, else sdpa)")
+    g.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
+                   help="quantise a float checkpoint's LLM / generation-head / DiT Linears while loading (a folder "
+                        "converted with `quantize` loads as stored without this)")
     return p
 
 
@@ -121,6 +125,31 @@ def cmd_download(args):
     return 0
 
 
+def cmd_quantize(args):
+    from .quant.convert import convert
+
+    cb = terminal_progress("quantize")
+    summary = convert(args.model, args.format, args.out, progress=(lambda d, t: cb(d >> 20, t >> 20)) if cb else None)
+    print(f"{args.out}: {summary['format']}, {summary['layers']} layers quantised, {summary['bytes'] / 1e9:.2f} GB "
+          f"(from {summary['source_bytes'] / 1e9:.2f} GB)")
+    return 0
+
+
+def cmd_memory(args):
+    import json
+
+    from .memory import report
+
+    r = report(args.format)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        from .memory import markdown
+
+        print(markdown(r))
+    return 0
+
+
 def _write_text(path, text):
     from .fileio import atomic_path
 
@@ -176,6 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="check every file against the Hub's sha256 / git hash")
     p.add_argument("--dry-run", action="store_true", help="list the files that would be fetched, with sizes")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("quantize", help="convert a float checkpoint folder to int8 / fp8 / int4 weights",
+                       description="Writes a complete checkpoint folder (same layout) whose LLM, generation-head and "
+                                   "DiT Linears are stored in the format (core ComfyUI's key layout); one tensor at a "
+                                   "time, atomically (DST appears only when complete).")
+    p.add_argument("--model", required=True, help="float (bf16) UniAR checkpoint folder")
+    p.add_argument("--format", required=True, choices=WEIGHT_FORMATS, help="weight format")
+    p.add_argument("--out", required=True, help="new folder for the converted checkpoint")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("memory", help="bytes per part and peak memory of the real model per weight format (no weights "
+                                      "needed)")
+    p.add_argument("--format", default="bf16", choices=("bf16",) + WEIGHT_FORMATS, help="weight format (default bf16)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p.set_defaults(func=cmd_memory)
 
     try:
         from . import cli_decode

@@ -14,7 +14,8 @@ def load_components(args, components):
     """The AR model (:class:`~uniar_backend.api.UniAR`) with only ``components``, as the command's flags say."""
     from .api import UniAR
 
-    return UniAR.load(args.model, components, device=args.device, dtype=args.dtype, attention=args.attention)
+    return UniAR.load(args.model, components, device=args.device, dtype=args.dtype, attention=args.attention,
+                      weights=getattr(args, "weights", None))
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:

@@ -73,7 +73,8 @@ def _decode_and_save(model_dir: str, tokens, args, seed: int) -> list[str]:
     from .decoder import load_decoder, save_images
 
     dec = load_decoder(model_dir, device=args.device, dtype=args.dtype, attention=args.attention,
-                       cache_dir=args.cache_dir, decoder_prompt=args.decoder_prompt)
+                       cache_dir=args.cache_dir, decoder_prompt=args.decoder_prompt,
+                       weights=getattr(args, "weights", None))
     images = dec.decode(tokens, steps=args.steps, guidance=args.guidance, upsampling_ratio=args.upsampling_ratio,
                         seed=seed, decoder_prompt=args.decoder_prompt, callback=terminal_progress("decode step"))
     meta = {"uniar": f"steps={args.steps} guidance={args.guidance} upsampling_ratio={args.upsampling_ratio} "

@@ -85,17 +85,33 @@ class Checkpoint:
         return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
     # ------------------------------------------------------------------ components
+    @cached_property
+    def weight_format(self) -> str | None:
+        """The format the AR weights are stored in (``int8`` / ``fp8`` / ``int4``), None for float weights."""
+        from .quant.files import stored_format
+
+        return stored_format(self.config.raw, self.file("config.json"))
+
     def load_ar(self, components=COMPONENTS, device="auto", dtype="auto", attention="auto", ops=None,
-                compute_device=None, reuse: UniARModel | None = None) -> UniARModel:
+                compute_device=None, reuse: UniARModel | None = None, weights: str | None = None) -> UniARModel:
         """Load the AR model (only the ``components`` asked for: ``llm``, ``vision``, ``lm_head``, ``gen_head``).
 
         ``device`` is where the weights are placed; ``compute_device`` (default: ``device``) is where they will
         run, which decides the attention backend (a host may load onto an offload device and move the model
         later).  ``reuse``: an already loaded model of this checkpoint whose tensors are taken over instead of
-        being read again (to add components to it); it must not be used afterwards."""
+        being read again (to add components to it); it must not be used afterwards.  ``weights``: quantise a
+        float checkpoint to ``int8`` / ``fp8`` / ``int4`` while loading (None: as stored)."""
+        from .quant import check_format
+        from .quant.files import view
+        from .quant.formats import check_device
+        from .quant.layers import AR_TARGETS, quantize_modules, targets
+
         components = tuple(components)
+        if weights is not None:
+            check_format(weights)
         if reuse is not None:
             components = tuple(dict.fromkeys(tuple(reuse.components) + components))
+            weights = reuse.weight_format
         unknown = [c for c in components if c not in COMPONENTS]
         if unknown:
             raise InputError(f"unknown component(s) {unknown}; choose from {COMPONENTS}")
@@ -112,11 +128,21 @@ class Checkpoint:
         files = self.weights
         if "gen_head" in components:
             self._check_head_variant(files)
-        model, layout = build_on_meta(lambda o: UniARModel(cfg, components, ops=o, dtype=dt), ops)
+
+        def build(o):
+            return UniARModel(cfg, components, ops=o, dtype=dt)
+
+        files, fmt = view(files, cfg.raw, self.file("config.json"),
+                          lambda f: targets(build_on_meta(build)[0], AR_TARGETS, f), dt, weights)
+        if fmt is not None:
+            check_device(fmt, cdev)
+        model, layout = build_on_meta(build, ops, post=(lambda m: quantize_modules(m, AR_TARGETS, fmt, dt))
+                                      if fmt is not None else None)
         preloaded = dict(reuse.state_dict()) if reuse is not None else None
         load_module_weights(model, files, model.checkpoint_key, dt, dev, what="AR model", preloaded=preloaded,
                             layout=layout)
         model.attention = backend
+        model.weight_format = fmt.name if fmt is not None else None
         model.eval().requires_grad_(False)
         model.fingerprint = self.fingerprint
         model.checkpoint_path = self.path

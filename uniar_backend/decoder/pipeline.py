@@ -260,7 +260,7 @@ def _dynamic_shift_mu(cfg, image_seq_len: int) -> float:
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_decoder(ckpt_or_path, device="auto", dtype="auto", attention="auto", cache_dir=None, ops=None,
-                 decoder_prompt: str | None = None, compute_device=None) -> UniARDecoder:
+                 decoder_prompt: str | None = None, compute_device=None, weights: str | None = None) -> UniARDecoder:
     """Load the decoder parts of a UniAR checkpoint (safetensors only, no network, no remote code).
 
     Order keeps the peak low: the decoder-prompt embeddings are resolved first (from the cache, or by loading the
@@ -272,7 +272,9 @@ def load_decoder(ckpt_or_path, device="auto", dtype="auto", attention="auto", ca
     when writable, else ``~/.cache/uniar/...``); ``ops`` a layer namespace (e.g. ``comfy.ops``) for the BSQ
     projections; ``decoder_prompt`` the prompt prepared up front (default: UniAR's constant decoder prompt);
     ``compute_device`` (default: ``device``) where it will run, which decides the attention backend and the
-    ``auto`` dtype (a host may load onto an offload device and move or stream the weights later)."""
+    ``auto`` dtype (a host may load onto an offload device and move or stream the weights later); ``weights``
+    int8 / fp8 / int4 quantises the DiT's transformer blocks of a float folder while loading (a folder stored
+    quantised loads as stored)."""
     from ..runtime import resolve_attention, resolve_device, resolve_dtype
     from . import components as C
 
@@ -281,13 +283,17 @@ def load_decoder(ckpt_or_path, device="auto", dtype="auto", attention="auto", ca
     cdev = resolve_device(compute_device) if compute_device is not None else dev
     dt = resolve_dtype(dtype, cdev)
     backend = resolve_attention(attention, cdev, dt)
+    if weights is not None:
+        from ..quant import check_format
+
+        check_format(weights)
     # Cheap checks of every part first, so a missing or truncated file fails before anything heavy is loaded.
     sched_cfg = C.check_parts(root)
     cache_dir = os.path.abspath(os.fspath(cache_dir)) if cache_dir is not None else None
     emb = prompt_embeddings(root, decoder_prompt, device=dev, dtype=dt, cache_dir=cache_dir)
 
     bsq_proj, fingerprint = C.load_bsq_projections(root, dev, dt, ops)
-    transformer = C.load_transformer(root, dev, dt, backend)
+    transformer = C.load_transformer(root, dev, dt, backend, weights=weights, compute_device=cdev)
     vae = C.load_vae(root, dev, dt, backend)
     dec = UniARDecoder(root, transformer, vae, bsq_proj, sched_cfg, fingerprint, cache_dir)
     dec.attention = backend

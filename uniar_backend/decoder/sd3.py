@@ -71,6 +71,55 @@ class UniARSD3Transformer(SD3Transformer2DModel):
             x = x.permute(0, 2, 3, 1).reshape(b, -1, c)
         return self.siglip_embed_add_latent(x)
 
+    # ------------------------------------------------------------------ positions
+    def compact_positions(self) -> bool:
+        """Keep the fixed 2-D sin-cos table (``pos_embed.pos_embed``: 384 x 384 positions x 1536 = 226 M values,
+        0.42 GiB in bf16) as its two 1-D factors when it is separable -- the first half of the channels a function
+        of one grid axis, the second half of the other, as diffusers builds it.  Checked on the loaded values,
+        bitwise; a table that is not separable is kept whole.  The cropped table is then the same values as
+        diffusers' ``cropped_pos_embed``, so the output is bitwise unchanged.  -> whether it was compacted."""
+        pe = self.pos_embed
+        table = getattr(pe, "pos_embed", None)
+        if table is None or not pe.pos_embed_max_size or pe.layer_norm or not pe.flatten or table.device.type == "meta":
+            return False
+        m = pe.pos_embed_max_size
+        t = table.reshape(m, m, -1)
+        half = t.shape[-1] // 2
+        factors = []
+        for part in (t[..., :half], t[..., half:]):
+            by_col, by_row = part[0], part[:, 0]  # (m, half): a function of the column / of the row
+            if all(torch.equal(part[i], by_col) for i in range(m)):
+                factors.append(("col", by_col.clone()))
+            elif all(torch.equal(part[:, j], by_row) for j in range(m)):
+                factors.append(("row", by_row.clone()))
+            else:
+                return False
+        self._pos_axes = tuple(a for a, _ in factors)
+        del pe._buffers["pos_embed"]
+        pe.pos_embed = None
+        self.register_buffer("pos_factor_a", factors[0][1], persistent=False)
+        self.register_buffer("pos_factor_b", factors[1][1], persistent=False)
+        return True
+
+    def _embed_patches(self, latent: torch.Tensor) -> torch.Tensor:
+        pe = self.pos_embed
+        if getattr(self, "pos_factor_a", None) is None:
+            return pe(latent)
+        p, m = pe.patch_size, pe.pos_embed_max_size
+        h, w = latent.shape[-2] // p, latent.shape[-1] // p
+        if h > m or w > m:
+            raise ValueError(f"latent grid {h}x{w} exceeds pos_embed_max_size {m}")
+        top, left = (m - h) // 2, (m - w) // 2
+        x = pe.proj(latent).flatten(2).transpose(1, 2)
+        parts = []
+        for axis, f in zip(self._pos_axes, (self.pos_factor_a, self.pos_factor_b)):
+            if axis == "col":
+                parts.append(f[left:left + w].unsqueeze(0).expand(h, w, -1))
+            else:
+                parts.append(f[top:top + h].unsqueeze(1).expand(h, w, -1))
+        pos = torch.cat(parts, dim=-1).reshape(1, h * w, -1)
+        return (x + pos).to(x.dtype)
+
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, timestep: torch.Tensor,
@@ -85,7 +134,7 @@ class UniARSD3Transformer(SD3Transformer2DModel):
         if siglip_tensor is not None:
             extra = self.embed_token_features(siglip_tensor, latent_grid, token_grid)
 
-        hidden_states = self.pos_embed(hidden_states).contiguous()  # patchify + cropped sin-cos positions
+        hidden_states = self._embed_patches(hidden_states).contiguous()  # patchify + cropped sin-cos positions
         temb = self.time_text_embed(timestep, pooled_projections)
         encoder_hidden_states = self.context_embedder(encoder_hidden_states)
         if extra is not None:

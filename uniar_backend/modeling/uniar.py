@@ -83,6 +83,7 @@ class UniARModel(nn.Module):
         self.rope = MRoPE(cfg.text)
         self.attention = "sdpa"
         self.fingerprint = ""
+        self.weight_format = None  # int8 / fp8 / int4 when the decoder-layer Linears are quantised (uniar_backend.quant)
         self._device = None
 
     @property
@@ -107,7 +108,7 @@ class UniARModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(p for p in self.parameters() if p.is_floating_point()).dtype
+        return next(p for p in self.parameters() if p.is_floating_point() and p.element_size() > 1).dtype
 
     def checkpoint_key(self, name: str) -> str:
         if name.startswith("output_layer_vistok."):

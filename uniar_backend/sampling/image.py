@@ -135,7 +135,11 @@ def linear_call(mod):
     whose weights are resident (plain ``nn.Linear``, ComfyUI's ``disable_weight_init`` / ``manual_cast`` layers when
     not casting) is ``F.linear(x, w, b)`` -- what its forward computes, without the module call; a layer that casts or
     streams its weights goes through its own cast path (``forward_comfy_cast_weights``: ComfyUI's transfer, LoRA
-    and quantised weights, without the module call).  Anything else: the layer itself."""
+    and quantised weights, without the module call).  A layer class may also offer its own call
+    (``uniar_linear()``: the quantised layers of :mod:`uniar_backend.quant`).  Anything else: the layer itself."""
+    own = getattr(mod, "uniar_linear", None)
+    if callable(own):
+        return own()
     if isinstance(mod, torch.nn.Linear) and (type(mod) is torch.nn.Linear or hasattr(mod, "comfy_cast_weights")):
         if not _casts(mod):
             w, b = mod.weight, mod.bias

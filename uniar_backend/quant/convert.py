@@ -1,0 +1,162 @@
+"""``python -m uniar_backend quantize --model SRC --format {int8,fp8,int4} --out DST``: a complete checkpoint
+folder in the same layout with the AR model's and the DiT's target Linears stored in the format.
+
+* one tensor at a time: each output shard's header is computed from the source header first, then every tensor
+  is read, quantised if it is a target and written, so host memory stays around one (float32 copy of a) tensor;
+* atomic: everything is written into ``DST.partial-*`` beside DST and renamed to DST at the end; an error or
+  Ctrl-C removes it; DST must not exist yet (or be an empty folder) and may not lie inside SRC (or SRC in DST);
+* the rest of the folder (tokenizer files, bsq_encoder/, the VAE, the schedule, ...) is copied as it is, and the
+  format is recorded in ``config.json`` / ``sd3_transformer/config.json`` (``uniar_quantization``) and in each
+  converted file's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from ..checkpoint import WeightFiles, write_safetensors_streaming
+from ..config import read_json
+from ..errors import CheckpointError, InputError
+from .files import quantized_tensors, record
+from .formats import Format, check_device, get
+from .layers import AR_TARGETS, DIT_TARGETS, targets
+
+MARGIN = 1 << 30
+
+
+def _ar_targets(ck, fmt: Format) -> set[str]:
+    from ..checkpoint import build_on_meta
+    from ..modeling.uniar import COMPONENTS, UniARModel
+
+    comps = tuple(c for c in COMPONENTS if c != "gen_head" or ck.config.can_generate)
+    model, _ = build_on_meta(lambda o: UniARModel(ck.config, comps, ops=o))
+    return set(targets(model, AR_TARGETS, fmt))
+
+
+def _dit_targets(root: str, fmt: Format) -> set[str]:
+    from ..decoder.components import read_transformer_config
+    from ..decoder.sd3 import UniARSD3Transformer
+
+    cfg = read_transformer_config(root)
+    with torch.device("meta"):
+        return set(targets(UniARSD3Transformer.from_uniar_config(cfg), DIT_TARGETS, fmt))
+
+
+def _check_paths(src: str, dst: str) -> None:
+    if os.path.exists(dst) and not (os.path.isdir(dst) and not os.listdir(dst)):
+        raise InputError(f"--out {dst} already exists; give a new folder (the converter never overwrites a "
+                         "checkpoint)")
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src or os.path.commonpath([real_src, real_dst]) in (real_src, real_dst):
+        raise InputError(f"--out {dst} lies inside --model {src} (or the other way round); write the converted "
+                         "checkpoint to a folder of its own")
+
+
+class _Plan:
+    """One weight part to convert: its folder, file base and target layers."""
+
+    def __init__(self, folder: str, base: str, targets_: set[str]):
+        self.folder, self.base, self.targets = folder, base, targets_
+        self.files = WeightFiles(folder, base)
+
+    def out_spec(self, path: str, fmt: Format, dtype_of) -> dict:
+        spec = {}
+        for k, (h) in ((k, v) for k, v in self.files.headers[path].items() if k != "__metadata__"):
+            shape, dt = self.files.info(k)
+            layer = k[: -len(".weight")] if k.endswith(".weight") else None
+            if layer in self.targets:
+                for suffix, (s, sdt) in fmt.layout(shape[0], shape[1], dtype_of(dt)).items():
+                    spec[f"{layer}.{suffix}"] = (sdt, tuple(s))
+                spec[f"{layer}.comfy_quant"] = (torch.uint8, (len(json.dumps(fmt.comfy_quant()).encode()),))
+            else:
+                spec[k] = (dt, tuple(shape))
+        return spec
+
+
+def convert(src: str, fmt_name: str, dst: str, progress=None) -> dict:
+    """Convert the float checkpoint folder ``src`` to ``fmt_name`` in the new folder ``dst``.  -> summary dict."""
+    from ..loader import Checkpoint
+
+    fmt = get(fmt_name)
+    check_device(fmt, torch.device("cpu"))
+    src, dst = os.path.abspath(src), os.path.abspath(dst)
+    ck = Checkpoint(src)
+    if ck.weight_format is not None:
+        raise InputError(f"{src} is already stored in {ck.weight_format}; convert the float (bf16) checkpoint "
+                         "instead (quantising twice loses precision)")
+    _check_paths(src, dst)
+    plans = [_Plan(src, "model", _ar_targets(ck, fmt))]
+    dit = os.path.join(src, "sd3_transformer")
+    if os.path.isdir(dit):
+        plans.append(_Plan(dit, "diffusion_pytorch_model", _dit_targets(src, fmt)))
+    weight_files = {p for plan in plans for p in plan.files.headers}
+    # refuse before writing anything: the disk must hold the copy (at most the source's size)
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs)
+    probe = os.path.dirname(dst)
+    if os.path.isdir(probe) and shutil.disk_usage(probe).free < total + MARGIN:
+        raise CheckpointError(f"not enough disk space in {probe}: the converted checkpoint needs up to "
+                              f"{total / 1e9:.1f} GB (plus 1 GB to spare), {shutil.disk_usage(probe).free / 1e9:.1f} "
+                              "GB are free")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".partial-", dir=os.path.dirname(dst))
+    done, written, layers = 0, 0, 0
+    try:
+        for plan in plans:
+            new_map = {}
+            for path in sorted(plan.files.headers):
+                out = os.path.join(tmp, os.path.relpath(path, src))
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                spec = plan.out_spec(path, fmt, lambda dt: dt)
+                layers += sum(1 for k in spec if k.endswith(".comfy_quant"))
+                written += write_safetensors_streaming(out, spec, _producer(plan, fmt), {
+                    "format": "pt", "uniar_quantization": fmt.name})
+                new_map.update({k: os.path.basename(path) for k in spec})
+                done += os.path.getsize(path)
+                if progress:
+                    progress(done, total)
+            index = os.path.join(plan.folder, f"{plan.base}.safetensors.index.json")
+            if os.path.isfile(index):
+                sizes = sum(os.path.getsize(os.path.join(tmp, os.path.relpath(p, src))) for p in plan.files.headers)
+                with open(os.path.join(tmp, os.path.relpath(index, src)), "w", encoding="utf-8") as f:
+                    json.dump({"metadata": {"total_size": sizes, "uniar_quantization": fmt.name},
+                               "weight_map": dict(sorted(new_map.items()))}, f, indent=2)
+        configs = {os.path.join(src, "config.json"), os.path.join(dit, "config.json")}
+        for folder, dirs, names in os.walk(src):
+            dirs.sort()
+            for name in sorted(names):
+                path = os.path.join(folder, name)
+                out = os.path.join(tmp, os.path.relpath(path, src))
+                if path in weight_files or path.endswith(".safetensors.index.json") and os.path.exists(out):
+                    continue
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                if path in configs:
+                    with open(out, "w", encoding="utf-8") as f:
+                        json.dump(record(read_json(path), fmt), f, indent=2)
+                else:
+                    shutil.copy2(path, out)
+        if os.path.isdir(dst):
+            os.rmdir(dst)  # the empty folder the user made
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"format": fmt.name, "layers": layers, "source_bytes": total,
+            "bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)}
+
+
+def _producer(plan: _Plan, fmt: Format):
+    def produce(names):
+        layer = names[0].rsplit(".", 1)[0]
+        if layer in plan.targets and f"{layer}.comfy_quant" in names:
+            w = plan.files.read([f"{layer}.weight"])[f"{layer}.weight"]
+            made = quantized_tensors(layer, w, fmt, w.dtype)
+            made.update(plan.files.read([n for n in names if n not in made]))
+            return made
+        return plan.files.read(names)
+
+    return produce

@@ -1,0 +1,168 @@
+"""Quantised weights seen through the checkpoint reader: a folder stored quantised, or a float folder quantised
+while it is read (``weights=...`` at load time).  Both present the module's keys to
+:func:`uniar_backend.checkpoint.load_module_weights`, which checks shapes and dtypes and loads one file at a time."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import CheckpointError
+from . import COMFY_FORMATS, CONFIG_KEY, FORMATS
+from .formats import BY_COMFY_NAME, Format, comfy_quant_tensor, get, read_comfy_quant
+
+QUANT_SUFFIXES = ("weight_scale", "weight_zeros", "comfy_quant", "scale_weight", "weight_scale_2", "input_scale")
+
+
+def stored_format(cfg: dict, path: str) -> str | None:
+    """The format a config records (``uniar_quantization.format``), None for float weights."""
+    q = cfg.get(CONFIG_KEY)
+    if q is None:
+        return None
+    name = q.get("format") if isinstance(q, dict) else None
+    if name not in FORMATS:
+        raise CheckpointError(f"{path}: {CONFIG_KEY} names the weight format {str(name)[:40]!r}, which this pack "
+                              f"does not know ({', '.join(FORMATS)}); convert the float checkpoint again with "
+                              "`python -m uniar_backend quantize`")
+    return name
+
+
+def record(cfg: dict, fmt: Format) -> dict:
+    """``cfg`` with the format recorded (what the converter writes into config.json)."""
+    out = dict(cfg)
+    out[CONFIG_KEY] = {"format": fmt.name, "comfy_format": COMFY_FORMATS[fmt.name], "version": 1,
+                       **({"group_size": fmt.group} if hasattr(fmt, "group") else {})}
+    return out
+
+
+def quantized_tensors(prefix: str, w: torch.Tensor, fmt: Format, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantised Linear ``prefix`` from its float weight."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise CheckpointError(f"tensor '{prefix}.weight' ({w.dtype}, {list(w.shape)}) is not a float matrix; "
+                              "only float checkpoints can be quantised")
+    out = {f"{prefix}.{k}": v for k, v in fmt.quantize(w, dtype).items()}
+    out[f"{prefix}.comfy_quant"] = comfy_quant_tensor(fmt)
+    return out
+
+
+def looks_quantized(keys) -> str | None:
+    """A key that only a quantised checkpoint has (None if there is none)."""
+    for k in keys:
+        if k.rsplit(".", 1)[-1] in QUANT_SUFFIXES:
+            return k
+    return None
+
+
+class _View:
+    """What load_module_weights reads: ``folder``, ``keys()``, ``info()``, ``key_to_file``, ``read()``."""
+
+    def __init__(self, files, fmt: Format, targets: list[str]):
+        self.files, self.fmt, self.targets = files, fmt, list(targets)
+        self.folder = files.folder
+
+
+class StoredView(_View):
+    """A folder stored in ``fmt``: every target layer must carry the format's tensors and a ``comfy_quant`` of the
+    same format, and no other layer may be quantised (a mixed folder is refused)."""
+
+    def __init__(self, files, fmt, targets):
+        super().__init__(files, fmt, targets)
+        keys = set(files.keys())
+        marks = sorted(k[: -len(".comfy_quant")] for k in keys if k.endswith(".comfy_quant"))
+        wanted = set(self.targets)
+        stray = [m for m in marks if m not in wanted]
+        if stray:
+            raise CheckpointError(f"{files.folder}: layer '{stray[0]}' is quantised, but in {fmt.name} this pack keeps "
+                                  "it in the compute dtype; the folder mixes formats: convert the float checkpoint "
+                                  "again")
+        lacking = [t for t in self.targets if f"{t}.comfy_quant" not in keys]
+        if lacking:
+            raise CheckpointError(f"{files.folder}: {len(lacking)} layer(s) of a {fmt.name} checkpoint are not quantised "
+                                  f"(e.g. '{lacking[0]}' has no comfy_quant); the folder mixes float and {fmt.name} "
+                                  "weights: convert the float checkpoint again")
+        for t, conf in zip(marks, self._confs(marks)):
+            got = BY_COMFY_NAME.get(conf.get("format"))
+            if got is not fmt or conf.get("group_size", getattr(fmt, "group", None)) != getattr(fmt, "group", None):
+                raise CheckpointError(f"{files.key_to_file[t + '.comfy_quant']}: layer '{t}' is stored as "
+                                      f"{conf.get('format')!r} {conf.get('group_size', '')}, but config.json records "
+                                      f"{fmt.name} ({fmt.comfy_name}); the folder mixes formats")
+        self.key_to_file = {k: v for k, v in files.key_to_file.items() if not k.endswith(".comfy_quant")}
+
+    def _confs(self, marks):
+        tensors = self.files.read([m + ".comfy_quant" for m in marks])  # a few bytes each
+        return [read_comfy_quant(tensors[m + ".comfy_quant"], f"{self.files.folder}: {m}") for m in marks]
+
+    def keys(self):
+        return list(self.key_to_file)
+
+    def info(self, key):
+        return self.files.info(key)
+
+    def read(self, keys):
+        return self.files.read(keys)
+
+
+class ConvertingView(_View):
+    """A float folder read as if it were stored in ``fmt``: each target's ``weight`` is quantised as it is read
+    (one file at a time, like any load)."""
+
+    def __init__(self, files, fmt, targets, dtype: torch.dtype):
+        super().__init__(files, fmt, targets)
+        self.dtype = dtype
+        self.key_to_file = dict(files.key_to_file)
+        self._virtual: dict[str, str] = {}  # virtual key -> target
+        self._shape: dict[str, tuple] = {}
+        for t in self.targets:
+            src = f"{t}.weight"
+            if src not in files.key_to_file:
+                continue  # load_module_weights names the missing weight
+            shape, fdtype = files.info(src)
+            if len(shape) != 2:
+                raise CheckpointError(f"{files.key_to_file[src]}: tensor '{src}' has shape {shape}, not a matrix")
+            path = self.key_to_file.pop(src)
+            for suffix, (s, dt) in fmt.layout(shape[0], shape[1], dtype).items():
+                self.key_to_file[f"{t}.{suffix}"] = path
+                self._virtual[f"{t}.{suffix}"] = t
+                self._shape[f"{t}.{suffix}"] = (list(s), dt)
+
+    def keys(self):
+        return list(self.key_to_file)
+
+    def info(self, key):
+        if key in self._virtual:
+            return self._shape[key]
+        return self.files.info(key)
+
+    def read(self, keys):
+        keys = list(keys)
+        plain = [k for k in keys if k not in self._virtual]
+        layers = list(dict.fromkeys(self._virtual[k] for k in keys if k in self._virtual))
+        out = self.files.read(plain)
+        for t in layers:  # one float weight at a time
+            w = self.files.read([f"{t}.weight"])[f"{t}.weight"]
+            for k, v in quantized_tensors(t, w, self.fmt, self.dtype).items():
+                if k in keys:
+                    out[k] = v
+            del w
+        return out
+
+
+def view(files, cfg: dict, cfg_path: str, targets_for, dtype: torch.dtype, weights: str | None):
+    """-> ``(files or a view, format or None)`` for a part whose config is ``cfg``: stored quantised, quantised at
+    load time (``weights``), or float.  ``targets_for(fmt)`` lists the part's quantised layers."""
+    stored = stored_format(cfg, cfg_path)
+    if stored is None:
+        hint = looks_quantized(files.keys())
+        if hint is not None:
+            raise CheckpointError(f"{files.folder}: tensor '{hint}' belongs to a quantised checkpoint, but {cfg_path} "
+                                  f"records no {CONFIG_KEY}; the folder mixes a float config with quantised weights")
+    if weights is not None and stored is not None and weights != stored:
+        raise CheckpointError(f"{files.folder} is stored in {stored}; it cannot be loaded as {weights} (quantising "
+                              f"twice loses precision): choose weights {stored} or 'as stored', or convert the float "
+                              "checkpoint")
+    if stored is not None:
+        fmt = get(stored)
+        return StoredView(files, fmt, targets_for(fmt)), fmt
+    if weights is not None:
+        fmt = get(weights)
+        return ConvertingView(files, fmt, targets_for(fmt), dtype), fmt
+    return files, None
