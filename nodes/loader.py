@@ -11,7 +11,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..uniar_backend.quant import FORMATS, check_format
+from ..uniar_backend.quant import FORMATS, check_format, check_requested
 from . import checkpoints
 from .compat import UniARModel, advanced
 
@@ -53,9 +53,7 @@ def _handle(path: str, dtype: str, attention: str, weights: str = "as stored"):
 
     ck = get_checkpoint(path)  # cheap: reads config.json, raises a clear CheckpointError for a wrong folder
     fmt = None if weights in (None, "as stored") else check_format(weights)
-    if fmt is not None and ck.weight_format not in (None, fmt):
-        raise ValueError(f"{ck.name} is stored in {ck.weight_format}; set weights to 'as stored' (or "
-                         f"{ck.weight_format}), or pick the bf16 checkpoint to load it as {fmt}")
+    check_requested(ck.weight_format, fmt, ck.name)  # before any node loads weights
     return UniARHandle(path=os.path.abspath(path), dtype=dtype, attention=attention, weights=fmt)
 
 

@@ -102,9 +102,9 @@ class Checkpoint:
         being read again (to add components to it); it must not be used afterwards.  ``weights``: quantise a
         float checkpoint to ``int8`` / ``fp8`` / ``int4`` while loading (None: as stored)."""
         from .quant import check_format
-        from .quant.files import view
+        from .quant.files import resolve, view
         from .quant.formats import check_device
-        from .quant.layers import AR_TARGETS, quantize_modules, targets
+        from .quant.layers import AR_TARGETS, quantize_modules
 
         components = tuple(components)
         if weights is not None:
@@ -129,15 +129,17 @@ class Checkpoint:
         if "gen_head" in components:
             self._check_head_variant(files)
 
-        def build(o):
-            return UniARModel(cfg, components, ops=o, dtype=dt)
-
-        files, fmt = view(files, cfg.raw, self.file("config.json"),
-                          lambda f: targets(build_on_meta(build)[0], AR_TARGETS, f), dt, weights)
+        fmt, stored = resolve(files, cfg.raw, self.file("config.json"), weights)
+        quantized: list[str] = []
         if fmt is not None:
             check_device(fmt, cdev)
-        model, layout = build_on_meta(build, ops, post=(lambda m: quantize_modules(m, AR_TARGETS, fmt, dt))
-                                      if fmt is not None else None)
+
+        def quantize(m):  # on the module and its plain twin: the same layer names
+            quantized[:] = quantize_modules(m, AR_TARGETS, fmt, dt)
+
+        model, layout = build_on_meta(lambda o: UniARModel(cfg, components, ops=o, dtype=dt), ops,
+                                      post=quantize if fmt is not None else None)
+        files = view(files, fmt, stored, quantized)
         preloaded = dict(reuse.state_dict()) if reuse is not None else None
         load_module_weights(model, files, model.checkpoint_key, dt, dev, what="AR model", preloaded=preloaded,
                             layout=layout)

@@ -110,45 +110,42 @@ def load_transformer(root: str, device, dtype: torch.dtype, attention: str = "sd
 
     A folder stored quantised loads its quantised transformer-block Linears as they are; ``weights`` (int8 / fp8
     / int4) quantises a float folder while loading (:mod:`uniar_backend.quant`)."""
-    from ..quant.files import view
+    from ..quant.files import resolve, view
     from ..quant.formats import check_device
-    from ..quant.layers import DIT_TARGETS, quantize_modules, targets
+    from ..quant.layers import DIT_TARGETS, quantize_modules
     from .sd3 import UniARSD3Transformer, set_attention
 
     cfg = read_transformer_config(root)
     folder = os.path.join(root, TRANSFORMER_DIR)
-
-    def build():
-        return UniARSD3Transformer.from_uniar_config(cfg)
-
-    def targets_for(fmt):
-        with torch.device("meta"):
-            return targets(build(), DIT_TARGETS, fmt)
-
-    files, fmt = view(WeightFiles(folder, "diffusion_pytorch_model"), cfg, os.path.join(folder, "config.json"),
-                      targets_for, dtype, weights)
+    files = WeightFiles(folder, "diffusion_pytorch_model")
+    fmt, stored = resolve(files, cfg, os.path.join(folder, "config.json"), weights)
     if fmt is not None:
         check_device(fmt, torch.device(compute_device or device))
+
+    def build():
+        dit = UniARSD3Transformer.from_uniar_config(cfg)
+        if fmt is not None:
+            dit.quantized = quantize_modules(dit, DIT_TARGETS, fmt, dtype)
+        return dit
+
     module = _build_and_load(folder, build, "SD3 transformer", device, dtype, lambda m: set_attention(m, attention),
-                             files=files, post=(lambda m: quantize_modules(m, DIT_TARGETS, fmt, dtype))
-                             if fmt is not None else None)
+                             files=lambda m: view(files, fmt, stored, getattr(m, "quantized", [])))
     module.weight_format = fmt.name if fmt is not None else None
     module.compact_positions()
     return module
 
 
-def _build_and_load(folder: str, build, what: str, device, dtype: torch.dtype, configure, files=None, post=None):
+def _build_and_load(folder: str, build, what: str, device, dtype: torch.dtype, configure, files=None):
     """Build a diffusers module on the meta device, fill it from ``folder``'s safetensors (checked, no pickle),
-    configure its attention and put it in inference mode."""
-    files = files if files is not None else WeightFiles(folder, "diffusion_pytorch_model")
+    configure its attention and put it in inference mode.  ``files(module)``: what to read it from (default: the
+    folder's ``diffusion_pytorch_model`` safetensors)."""
     try:
         with torch.device("meta"):
             module = build()
-            if post is not None:
-                post(module)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder}/config.json: cannot build the {what} ({e})") from None
-    load_module_weights(module, files, lambda k: k, dtype, device, what=what)
+    source = files(module) if files is not None else WeightFiles(folder, "diffusion_pytorch_model")
+    load_module_weights(module, source, lambda k: k, dtype, device, what=what)
     configure(module)
     module.eval().requires_grad_(False)
     return module

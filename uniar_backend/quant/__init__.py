@@ -36,3 +36,14 @@ def check_format(name, what: str = "weights") -> str:
     if name not in FORMATS:
         raise InputError(f"{what} format must be one of {', '.join(FORMATS)}, got {str(name)[:40]!r}")
     return name
+
+
+def check_requested(stored: str | None, weights: str | None, where: str) -> None:
+    """A folder stored in one format is not quantised again into another (the loader, and the loader node before
+    anything loads)."""
+    from ..errors import CheckpointError
+
+    if weights is not None and stored is not None and weights != stored:
+        raise CheckpointError(f"{where} is stored in {stored}; it cannot be loaded as {weights} (quantising "
+                              f"twice loses precision): choose weights {stored} or 'as stored', or convert the float "
+                              "checkpoint")

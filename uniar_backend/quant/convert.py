@@ -22,29 +22,29 @@ import torch
 from ..checkpoint import WeightFiles, write_safetensors_streaming
 from ..config import read_json
 from ..errors import CheckpointError, InputError
-from .files import quantized_tensors, record
+from .files import ConvertingView, record
 from .formats import Format, check_device, get
 from .layers import AR_TARGETS, DIT_TARGETS, targets
 
 MARGIN = 1 << 30
 
 
-def _ar_targets(ck, fmt: Format) -> set[str]:
+def _ar_targets(ck, fmt: Format) -> list[str]:
     from ..checkpoint import build_on_meta
     from ..modeling.uniar import COMPONENTS, UniARModel
 
     comps = tuple(c for c in COMPONENTS if c != "gen_head" or ck.config.can_generate)
     model, _ = build_on_meta(lambda o: UniARModel(ck.config, comps, ops=o))
-    return set(targets(model, AR_TARGETS, fmt))
+    return targets(model, AR_TARGETS, fmt)
 
 
-def _dit_targets(root: str, fmt: Format) -> set[str]:
+def _dit_targets(root: str, fmt: Format) -> list[str]:
     from ..decoder.components import read_transformer_config
     from ..decoder.sd3 import UniARSD3Transformer
 
     cfg = read_transformer_config(root)
     with torch.device("meta"):
-        return set(targets(UniARSD3Transformer.from_uniar_config(cfg), DIT_TARGETS, fmt))
+        return targets(UniARSD3Transformer.from_uniar_config(cfg), DIT_TARGETS, fmt)
 
 
 def _check_paths(src: str, dst: str) -> None:
@@ -58,24 +58,22 @@ def _check_paths(src: str, dst: str) -> None:
 
 
 class _Plan:
-    """One weight part to convert: its folder, file base and target layers."""
+    """One weight part to convert: its files, seen quantised (with the ``comfy_quant`` marks) through the same
+    view the loader uses for load-time quantisation."""
 
-    def __init__(self, folder: str, base: str, targets_: set[str]):
-        self.folder, self.base, self.targets = folder, base, targets_
+    def __init__(self, folder: str, base: str, fmt: Format, targets_: list[str]):
+        self.folder, self.base = folder, base
         self.files = WeightFiles(folder, base)
+        self.view = ConvertingView(self.files, fmt, targets_, marks=True)
 
-    def out_spec(self, path: str, fmt: Format, dtype_of) -> dict:
-        spec = {}
-        for k, (h) in ((k, v) for k, v in self.files.headers[path].items() if k != "__metadata__"):
-            shape, dt = self.files.info(k)
-            layer = k[: -len(".weight")] if k.endswith(".weight") else None
-            if layer in self.targets:
-                for suffix, (s, sdt) in fmt.layout(shape[0], shape[1], dtype_of(dt)).items():
-                    spec[f"{layer}.{suffix}"] = (sdt, tuple(s))
-                spec[f"{layer}.comfy_quant"] = (torch.uint8, (len(json.dumps(fmt.comfy_quant()).encode()),))
-            else:
-                spec[k] = (dt, tuple(shape))
-        return spec
+    def out_spec(self, path: str) -> dict:
+        """``{key: (dtype, shape)}`` of the converted file made from ``path``."""
+        out = {}
+        for k, p in self.view.key_to_file.items():
+            if p == path:
+                shape, dt = self.view.info(k)
+                out[k] = (dt, tuple(shape))
+        return out
 
 
 def convert(src: str, fmt_name: str, dst: str, progress=None) -> dict:
@@ -90,10 +88,10 @@ def convert(src: str, fmt_name: str, dst: str, progress=None) -> dict:
         raise InputError(f"{src} is already stored in {ck.weight_format}; convert the float (bf16) checkpoint "
                          "instead (quantising twice loses precision)")
     _check_paths(src, dst)
-    plans = [_Plan(src, "model", _ar_targets(ck, fmt))]
+    plans = [_Plan(src, "model", fmt, _ar_targets(ck, fmt))]
     dit = os.path.join(src, "sd3_transformer")
     if os.path.isdir(dit):
-        plans.append(_Plan(dit, "diffusion_pytorch_model", _dit_targets(src, fmt)))
+        plans.append(_Plan(dit, "diffusion_pytorch_model", fmt, _dit_targets(src, fmt)))
     weight_files = {p for plan in plans for p in plan.files.headers}
     # refuse before writing anything: the disk must hold the copy (at most the source's size)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs)
@@ -104,16 +102,16 @@ def convert(src: str, fmt_name: str, dst: str, progress=None) -> dict:
                               "GB are free")
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".partial-", dir=os.path.dirname(dst))
-    done, written, layers = 0, 0, 0
+    done, layers = 0, 0
     try:
         for plan in plans:
             new_map = {}
             for path in sorted(plan.files.headers):
                 out = os.path.join(tmp, os.path.relpath(path, src))
                 os.makedirs(os.path.dirname(out), exist_ok=True)
-                spec = plan.out_spec(path, fmt, lambda dt: dt)
+                spec = plan.out_spec(path)
                 layers += sum(1 for k in spec if k.endswith(".comfy_quant"))
-                written += write_safetensors_streaming(out, spec, _producer(plan, fmt), {
+                write_safetensors_streaming(out, spec, plan.view.read, {
                     "format": "pt", "uniar_quantization": fmt.name})
                 new_map.update({k: os.path.basename(path) for k in spec})
                 done += os.path.getsize(path)
@@ -147,16 +145,3 @@ def convert(src: str, fmt_name: str, dst: str, progress=None) -> dict:
         raise
     return {"format": fmt.name, "layers": layers, "source_bytes": total,
             "bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)}
-
-
-def _producer(plan: _Plan, fmt: Format):
-    def produce(names):
-        layer = names[0].rsplit(".", 1)[0]
-        if layer in plan.targets and f"{layer}.comfy_quant" in names:
-            w = plan.files.read([f"{layer}.weight"])[f"{layer}.weight"]
-            made = quantized_tensors(layer, w, fmt, w.dtype)
-            made.update(plan.files.read([n for n in names if n not in made]))
-            return made
-        return plan.files.read(names)
-
-    return produce

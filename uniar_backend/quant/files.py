@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError
-from . import COMFY_FORMATS, CONFIG_KEY, FORMATS
-from .formats import BY_COMFY_NAME, Format, comfy_quant_tensor, get, read_comfy_quant
+from . import CONFIG_KEY, FORMATS, check_requested
+from .formats import Format, comfy_quant_tensor, get, read_comfy_quant
 
 QUANT_SUFFIXES = ("weight_scale", "weight_zeros", "comfy_quant", "scale_weight", "weight_scale_2", "input_scale")
 
@@ -29,17 +29,16 @@ def stored_format(cfg: dict, path: str) -> str | None:
 def record(cfg: dict, fmt: Format) -> dict:
     """``cfg`` with the format recorded (what the converter writes into config.json)."""
     out = dict(cfg)
-    out[CONFIG_KEY] = {"format": fmt.name, "comfy_format": COMFY_FORMATS[fmt.name], "version": 1,
-                       **({"group_size": fmt.group} if hasattr(fmt, "group") else {})}
+    out[CONFIG_KEY] = {"format": fmt.name, "comfy_quant": fmt.comfy_quant(), "version": 1}
     return out
 
 
-def quantized_tensors(prefix: str, w: torch.Tensor, fmt: Format, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def quantized_tensors(prefix: str, w: torch.Tensor, fmt: Format) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one quantised Linear ``prefix`` from its float weight."""
     if w.dim() != 2 or not w.is_floating_point():
         raise CheckpointError(f"tensor '{prefix}.weight' ({w.dtype}, {list(w.shape)}) is not a float matrix; "
                               "only float checkpoints can be quantised")
-    out = {f"{prefix}.{k}": v for k, v in fmt.quantize(w, dtype).items()}
+    out = {f"{prefix}.{k}": v for k, v in fmt.quantize(w).items()}
     out[f"{prefix}.comfy_quant"] = comfy_quant_tensor(fmt)
     return out
 
@@ -66,6 +65,7 @@ class StoredView(_View):
 
     def __init__(self, files, fmt, targets):
         super().__init__(files, fmt, targets)
+        want = fmt.comfy_quant()
         keys = set(files.keys())
         marks = sorted(k[: -len(".comfy_quant")] for k in keys if k.endswith(".comfy_quant"))
         wanted = set(self.targets)
@@ -80,8 +80,7 @@ class StoredView(_View):
                                   f"(e.g. '{lacking[0]}' has no comfy_quant); the folder mixes float and {fmt.name} "
                                   "weights: convert the float checkpoint again")
         for t, conf in zip(marks, self._confs(marks)):
-            got = BY_COMFY_NAME.get(conf.get("format"))
-            if got is not fmt or conf.get("group_size", getattr(fmt, "group", None)) != getattr(fmt, "group", None):
+            if any(conf.get(k) != v for k, v in want.items()):
                 raise CheckpointError(f"{files.key_to_file[t + '.comfy_quant']}: layer '{t}' is stored as "
                                       f"{conf.get('format')!r} {conf.get('group_size', '')}, but config.json records "
                                       f"{fmt.name} ({fmt.comfy_name}); the folder mixes formats")
@@ -103,11 +102,15 @@ class StoredView(_View):
 
 class ConvertingView(_View):
     """A float folder read as if it were stored in ``fmt``: each target's ``weight`` is quantised as it is read
-    (one file at a time, like any load)."""
+    (one layer at a time).  The loader reads it (``marks`` False: the module has no ``comfy_quant`` tensors); the
+    converter writes it out file by file (``marks`` True: the files get them)."""
 
-    def __init__(self, files, fmt, targets, dtype: torch.dtype):
+    def __init__(self, files, fmt, targets, marks: bool = False):
         super().__init__(files, fmt, targets)
-        self.dtype = dtype
+        layout = fmt.layout
+        if marks:
+            cq = comfy_quant_tensor(fmt)
+            layout = lambda n, k: {**fmt.layout(n, k), "comfy_quant": (tuple(cq.shape), cq.dtype)}  # noqa: E731
         self.key_to_file = dict(files.key_to_file)
         self._virtual: dict[str, str] = {}  # virtual key -> target
         self._shape: dict[str, tuple] = {}
@@ -119,7 +122,7 @@ class ConvertingView(_View):
             if len(shape) != 2:
                 raise CheckpointError(f"{files.key_to_file[src]}: tensor '{src}' has shape {shape}, not a matrix")
             path = self.key_to_file.pop(src)
-            for suffix, (s, dt) in fmt.layout(shape[0], shape[1], dtype).items():
+            for suffix, (s, dt) in layout(shape[0], shape[1]).items():
                 self.key_to_file[f"{t}.{suffix}"] = path
                 self._virtual[f"{t}.{suffix}"] = t
                 self._shape[f"{t}.{suffix}"] = (list(s), dt)
@@ -139,30 +142,31 @@ class ConvertingView(_View):
         out = self.files.read(plain)
         for t in layers:  # one float weight at a time
             w = self.files.read([f"{t}.weight"])[f"{t}.weight"]
-            for k, v in quantized_tensors(t, w, self.fmt, self.dtype).items():
+            for k, v in quantized_tensors(t, w, self.fmt).items():
                 if k in keys:
                     out[k] = v
             del w
         return out
 
 
-def view(files, cfg: dict, cfg_path: str, targets_for, dtype: torch.dtype, weights: str | None):
-    """-> ``(files or a view, format or None)`` for a part whose config is ``cfg``: stored quantised, quantised at
-    load time (``weights``), or float.  ``targets_for(fmt)`` lists the part's quantised layers."""
+def resolve(files, cfg: dict, cfg_path: str, weights: str | None) -> tuple[Format | None, bool]:
+    """-> ``(format or None, stored)`` of a part whose config is ``cfg``: stored quantised, quantised at load time
+    (``weights``), or float (None); quantised tensors under a float config are refused."""
     stored = stored_format(cfg, cfg_path)
     if stored is None:
         hint = looks_quantized(files.keys())
         if hint is not None:
             raise CheckpointError(f"{files.folder}: tensor '{hint}' belongs to a quantised checkpoint, but {cfg_path} "
                                   f"records no {CONFIG_KEY}; the folder mixes a float config with quantised weights")
-    if weights is not None and stored is not None and weights != stored:
-        raise CheckpointError(f"{files.folder} is stored in {stored}; it cannot be loaded as {weights} (quantising "
-                              f"twice loses precision): choose weights {stored} or 'as stored', or convert the float "
-                              "checkpoint")
-    if stored is not None:
-        fmt = get(stored)
-        return StoredView(files, fmt, targets_for(fmt)), fmt
-    if weights is not None:
-        fmt = get(weights)
-        return ConvertingView(files, fmt, targets_for(fmt), dtype), fmt
-    return files, None
+    check_requested(stored, weights, files.folder)
+    name = stored or weights
+    return (get(name) if name else None), stored is not None
+
+
+def view(files, fmt: Format | None, stored: bool, targets: list[str]):
+    """``files`` as the loader reads them for ``fmt`` (see :func:`resolve`): the quantised layers ``targets``
+    (the names :func:`~uniar_backend.quant.layers.quantize_modules` replaced) checked as stored, or quantised as
+    they are read; ``files`` itself for float weights."""
+    if fmt is None:
+        return files
+    return StoredView(files, fmt, targets) if stored else ConvertingView(files, fmt, targets)

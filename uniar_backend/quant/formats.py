@@ -37,12 +37,12 @@ class Format:
         """Whether a Linear of this shape can be stored in the format (else it stays in the compute dtype)."""
         return True
 
-    def layout(self, out_features: int, in_features: int, dtype: torch.dtype) -> dict[str, tuple[tuple, torch.dtype]]:
+    def layout(self, out_features: int, in_features: int) -> dict[str, tuple[tuple, torch.dtype]]:
         """``{suffix: (shape, dtype)}`` of a quantised weight (suffix "weight", "weight_scale", ...)."""
         raise NotImplementedError
 
-    def quantize(self, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """A float weight [N, K] -> its tensors (computed in float32; ``dtype``: the checkpoint's float dtype)."""
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A float weight [N, K] -> its tensors (computed in float32, a block of rows at a time)."""
         raise NotImplementedError
 
     def dequantize(self, t: dict, dtype: torch.dtype) -> torch.Tensor:
@@ -58,10 +58,10 @@ class Int8(Format):
     name = "int8"
     storage = torch.int8
 
-    def layout(self, n, k, dtype):
+    def layout(self, n, k):
         return {"weight": ((n, k), torch.int8), "weight_scale": ((n, 1), torch.float32)}
 
-    def quantize(self, w, dtype):
+    def quantize(self, w):
         def block(b):
             wf = b.float()
             scale = (wf.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
@@ -85,10 +85,10 @@ class Fp8(Format):
     name = "fp8"
     storage = getattr(torch, "float8_e4m3fn", None)
 
-    def layout(self, n, k, dtype):
+    def layout(self, n, k):
         return {"weight": ((n, k), self.storage), "weight_scale": ((), torch.float32)}
 
-    def quantize(self, w, dtype):
+    def quantize(self, w):
         scale = (w.abs().amax().float() / 448.0).clamp(min=1e-12)
         q = _by_rows(w, lambda b: {"weight": ((b.float() / scale).clamp_(-448.0, 448.0).to(self.storage), 0)})
         return {"weight": q["weight"], "weight_scale": scale}
@@ -117,12 +117,12 @@ class Int4(Format):
     def fits(self, n, k):
         return k % self.group == 0
 
-    def layout(self, n, k, dtype):
+    def layout(self, n, k):
         g = k // self.group
         return {"weight": ((n, k // 2), torch.int8), "weight_scale": ((g, n), self.side),
                 "weight_zeros": ((g, n), self.side)}
 
-    def quantize(self, w, dtype):
+    def quantize(self, w):
         return _by_rows(w, self._block)
 
     def _block(self, w):

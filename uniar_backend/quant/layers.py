@@ -35,8 +35,9 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.fmt = get(fmt) if isinstance(fmt, str) else fmt
         self.in_features, self.out_features = in_features, out_features
-        self.names = tuple(self.fmt.layout(out_features, in_features, dtype))
-        for name, (shape, dt) in self.fmt.layout(out_features, in_features, dtype).items():
+        layout = self.fmt.layout(out_features, in_features)
+        self.names = tuple(layout)
+        for name, (shape, dt) in layout.items():
             p = nn.Parameter(torch.empty(shape, dtype=dt, device=device), requires_grad=False)
             p.uniar_stored = True  # the loader keeps its dtype (uniar_backend.checkpoint)
             self.register_parameter(name, p)
@@ -78,34 +79,26 @@ class QuantLinear(nn.Module):
         return self
 
 
-def _linear_shape(mod) -> tuple[int, int, bool] | None:
-    w = getattr(mod, "weight", None)
-    if isinstance(mod, nn.Linear) or (hasattr(mod, "in_features") and hasattr(mod, "out_features") and w is not None
-                                      and getattr(w, "dim", lambda: 0)() == 2):
-        return mod.in_features, mod.out_features, getattr(mod, "bias", None) is not None
-    return None
-
-
 def targets(model: nn.Module, pattern: re.Pattern, fmt: Format) -> list[str]:
     """Names of the Linear layers of ``model`` that ``fmt`` quantises (by ``pattern`` and the format's shapes)."""
-    out = []
-    for name, mod in model.named_modules():
-        shape = _linear_shape(mod) if isinstance(mod, nn.Linear) else None
-        if shape and pattern.match(name) and fmt.fits(shape[1], shape[0]):
-            out.append(name)
-    return out
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and pattern.match(name) and fmt.fits(mod.out_features, mod.in_features)]
 
 
-def quantize_modules(model: nn.Module, pattern: re.Pattern, fmt: Format, dtype: torch.dtype, device=None) -> list[str]:
-    """Replace the target Linear layers of ``model`` (built on the meta device) by empty :class:`QuantLinear`
-    layers; returns their names."""
+def _replace(model: nn.Module, pattern: re.Pattern, fmt: Format, make) -> list[str]:
     names = targets(model, pattern, fmt)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        k, n, bias = _linear_shape(getattr(parent, child))
-        setattr(parent, child, QuantLinear(k, n, bias, fmt, dtype, device=device or "meta"))
+        setattr(parent, child, make(getattr(parent, child)))
     return names
+
+
+def quantize_modules(model: nn.Module, pattern: re.Pattern, fmt: Format, dtype: torch.dtype) -> list[str]:
+    """Replace the target Linear layers of ``model`` (built on the meta device) by empty :class:`QuantLinear`
+    layers; returns their names (what the loader then reads)."""
+    return _replace(model, pattern, fmt, lambda old: QuantLinear(old.in_features, old.out_features,
+                                                                 old.bias is not None, fmt, dtype, device="meta"))
 
 
 @torch.no_grad()
@@ -113,16 +106,14 @@ def quantize_loaded(model: nn.Module, pattern: re.Pattern, fmt: Format | str) ->
     """Quantise the target Linears of an already loaded float model in place (benchmarks, error tables); the
     loader's path for checkpoints is :func:`quantize_modules` + :mod:`uniar_backend.quant.files`."""
     fmt = get(fmt) if isinstance(fmt, str) else fmt
-    names = targets(model, pattern, fmt)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        dt = old.weight.dtype
-        new = QuantLinear(old.in_features, old.out_features, old.bias is not None, fmt, dt, device=old.weight.device)
-        for k, v in fmt.quantize(old.weight, dt).items():
-            getattr(new, k).data = v.to(old.weight.device)
+
+    def make(old):
+        w = old.weight
+        new = QuantLinear(old.in_features, old.out_features, old.bias is not None, fmt, w.dtype, device=w.device)
+        for k, v in fmt.quantize(w).items():
+            getattr(new, k).data = v.to(w.device)
         if old.bias is not None:
             new.bias.data = old.bias.data
-        setattr(parent, child, new)
-    return names
+        return new
+
+    return _replace(model, pattern, fmt, make)

@@ -27,7 +27,7 @@ import time
 import torch
 
 from ..quant import FORMATS
-from ..quant.layers import AR_TARGETS, DIT_TARGETS, QuantLinear, quantize_loaded
+from ..quant.layers import AR_TARGETS, QuantLinear, quantize_loaded
 from . import synthetic
 from .bench import grid_for, make_prefix, timed_run, window_ms
 
@@ -45,7 +45,8 @@ def _weight_error(fm, qm, prefix: str) -> float:
     return (num / den) ** 0.5 if den else float("nan")
 
 
-def _llm_logits(m, ids):
+def llm_logits(m, ids):
+    """Logits (float32, every position) of the model's LLM + lm_head over the prompt ``ids`` (1, T) (no image)."""
     from ..modeling.text import run_layers
 
     lm = m.language_model
@@ -54,7 +55,7 @@ def _llm_logits(m, ids):
     pos = torch.arange(t).view(1, 1, t).expand(3, 1, t)
     cos, sin = m.rope(pos, x.dtype)
     h = lm.norm(run_layers(lm.layers, x, cos, sin, None, None, "sdpa"))
-    return m.lm_head(h[:, -1]).float()
+    return m.lm_head(h).float()
 
 
 def _ar_part(args, out):
@@ -63,7 +64,7 @@ def _ar_part(args, out):
     ids = torch.randint(0, cfg.text.vocab_size, (1, 96), generator=torch.Generator().manual_seed(1))
     prefix = make_prefix(base, *grid_for(args.steps), seed=args.seed)
     with torch.inference_mode():
-        ref_logits = _llm_logits(base, ids)
+        ref_logits = llm_logits(base, ids)[:, -1]
         ref_bits, marks, _, _ = timed_run(base, prefix, "fast", seed=args.seed, logits_out=(ref_out := []))
     shape = (cfg.vision.levels, cfg.vision.merge_unit, cfg.vision.bsq_dim)
     ref_step = {"float32": window_ms(marks, False)}
@@ -71,7 +72,7 @@ def _ar_part(args, out):
         qm = copy.deepcopy(base)
         quantize_loaded(qm, AR_TARGETS, fmt)
         with torch.inference_mode():
-            lq = _llm_logits(qm, ids)
+            lq = llm_logits(qm, ids)[:, -1]
             bits, marks, _, _ = timed_run(qm, prefix, "fast", seed=args.seed, logits_out=(q_out := []))
             # the same model again, for a same-run float32 timing next to each format (interleaved)
             _, fmarks, _, _ = timed_run(base, prefix, "fast", seed=args.seed)
