@@ -380,3 +380,13 @@ def test_converted_folder_runs_in_comfyui(server):
             continue
         entry = server.run(with_ckpt(load_api_workflow(name), "uniar-tiny-fp8"), timeout=600)
         assert_success(server, entry)
+
+
+def test_quantised_weights_with_dynamic_vram_layers(dynamic_vram_server):
+    """Quantised layers beside ComfyUI's lazily created ones (dynamic VRAM's layer classes): t2i and caption run."""
+    for name in ("text_to_image", "caption"):
+        wf = with_ckpt(load_api_workflow(name), "uniar-tiny")
+        for node in wf.values():
+            if node["class_type"] == "UniARModelLoader":
+                node["inputs"]["weights"] = "int4"
+        assert_success(dynamic_vram_server, dynamic_vram_server.run(wf, timeout=600))
