@@ -446,3 +446,50 @@ def test_too_large_output_says_what_to_change(decoders, side, ratio, msg):
         dec.check(tok, upsampling_ratio=ratio)
     if ratio > 1:
         assert dec.check(tok, upsampling_ratio=1.5) == (480, 480)
+
+
+# ---------------------------------------------------------------------------------------------- the DiT module
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dit_module_equals_diffusers_sd3_transformer(dtype):
+    """The pack's MMDiT computes exactly what diffusers' SD3Transformer2DModel computes with the same weights
+    (without token features, which diffusers' module does not have), square and non-square grids."""
+    from diffusers import SD3Transformer2DModel
+
+    from uniar_backend.checkpoint import WeightFiles
+    from uniar_backend.decoder import components as C
+    from uniar_backend.decoder.sd3 import BASE_KEYS
+
+    root = os.path.join(FIXTURES, "uniar-tiny")
+    ours = C.load_transformer(root, "cpu", dtype)
+    cfg = C.read_transformer_config(root)
+    ref = SD3Transformer2DModel(**{k: tuple(cfg[k]) if k == "dual_attention_layers" else cfg[k]
+                                   for k in BASE_KEYS if k in cfg})
+    files = WeightFiles(os.path.join(root, "sd3_transformer"), "diffusion_pytorch_model")
+    ref.load_state_dict(files.read([k for k in files.keys() if not k.startswith("siglip")]), strict=True)
+    ref = ref.to(dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    for hw in ((8, 8), (6, 10)):
+        lat = torch.randn(2, 16, *hw, generator=g).to(dtype)
+        text = torch.randn(2, 7, cfg["joint_attention_dim"], generator=g).to(dtype)
+        pooled = torch.randn(2, cfg["pooled_projection_dim"], generator=g).to(dtype)
+        t = torch.tensor([500.0, 500.0])
+        with torch.no_grad():
+            assert torch.equal(ours(lat, text, pooled, t)[0], ref(lat, text, pooled, t, return_dict=False)[0])
+
+
+def test_dit_condition_computed_once_is_the_same_step():
+    from uniar_backend.decoder import components as C
+
+    dit = C.load_transformer(os.path.join(FIXTURES, "uniar-tiny"), "cpu", torch.float32)
+    g = torch.Generator().manual_seed(1)
+    lat = torch.randn(2, 16, 8, 8, generator=g)
+    text, pooled = torch.randn(2, 7, 48, generator=g), torch.randn(2, 40, generator=g)
+    sig = torch.randn(2, 4, dit.siglip_channels, generator=g)
+    cond = dit.condition(text, pooled, sig, (4, 4), (2, 2))
+    with torch.no_grad():
+        for t in (900.0, 100.0):
+            ts = torch.tensor([t, t])
+            assert torch.equal(dit(lat, timestep=ts, condition=cond)[0],
+                               dit(lat, text, pooled, ts, siglip_tensor=sig, token_grid=(2, 2))[0])
+    with pytest.raises(ValueError, match="latent grid"):
+        dit(torch.randn(2, 16, 10, 10), timestep=torch.tensor([1.0, 1.0]), condition=cond)

@@ -113,6 +113,23 @@ def test_decoder_bsq_projections_with_lazy_layers():
     assert all(torch.equal(lazy.state_dict()[k], ref[k]) for k in ref)
 
 
+def test_decoder_dit_with_lazy_layers():
+    """The DiT is built from the layer namespace too (ComfyUI streams and casts its Linears): lazily created
+    layers take every weight and the decode is the same."""
+    from uniar_backend.decoder import load_decoder
+
+    root = ckpt_path("uniar-tiny")
+    lazy = load_decoder(root, device="cpu", dtype="float32", ops=LazyOps)
+    plain = load_decoder(root, device="cpu", dtype="float32")
+    assert any(isinstance(m, LazyLinear) for m in lazy.transformer.modules())
+    ref = plain.transformer.state_dict()
+    assert lazy.transformer.state_dict().keys() == ref.keys()
+    assert all(torch.equal(lazy.transformer.state_dict()[k], ref[k]) for k in ref)
+    ck, m = load_model("uniar-tiny")
+    tokens = api.UniAR(ck, m).generate(["a red cube"], 64, 64, seed=3)
+    assert torch.equal(lazy.decode(tokens, steps=2, seed=0), plain.decode(tokens, steps=2, seed=0))
+
+
 def test_a_layer_that_takes_no_tensor_is_an_error():
     """A layer class that ignores what it is given must not leave a half-empty model behind silently."""
 

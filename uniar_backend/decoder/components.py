@@ -105,47 +105,52 @@ def read_transformer_config(root: str) -> dict:
 
 
 def load_transformer(root: str, device, dtype: torch.dtype, attention: str = "sdpa", weights: str | None = None,
-                     compute_device=None):
-    """``sd3_transformer/`` -> :class:`~uniar_backend.decoder.sd3.UniARSD3Transformer` on ``device``.
+                     compute_device=None, ops=None):
+    """``sd3_transformer/`` -> :class:`~uniar_backend.decoder.sd3.UniARSD3Transformer` on ``device``, built from
+    the layer namespace ``ops`` (e.g. ``comfy.ops``: ComfyUI streams and casts its Linears and its Conv2d).
 
     A folder stored quantised loads its quantised transformer-block Linears as they are; ``weights`` (int8 / fp8
     / int4) quantises a float folder while loading (:mod:`uniar_backend.quant`)."""
     from ..quant.files import resolve, view
     from ..quant.formats import check_device
     from ..quant.layers import DIT_TARGETS, quantize_modules
-    from .sd3 import UniARSD3Transformer, set_attention
+    from .sd3 import UniARSD3Transformer
 
     cfg = read_transformer_config(root)
     folder = os.path.join(root, TRANSFORMER_DIR)
     files = WeightFiles(folder, "diffusion_pytorch_model")
     fmt, stored = resolve(files, cfg, os.path.join(folder, "config.json"), weights)
+    quantized: list[str] = []
     if fmt is not None:
         check_device(fmt, torch.device(compute_device or device))
 
-    def build():
-        dit = UniARSD3Transformer.from_uniar_config(cfg)
-        if fmt is not None:
-            dit.quantized = quantize_modules(dit, DIT_TARGETS, fmt, dtype)
-        return dit
+    def quantize(m):  # on the module and its plain twin: the same layer names
+        quantized[:] = quantize_modules(m, DIT_TARGETS, fmt, dtype)
 
-    module = _build_and_load(folder, build, "SD3 transformer", device, dtype, lambda m: set_attention(m, attention),
-                             files=lambda m: view(files, fmt, stored, getattr(m, "quantized", [])))
+    try:
+        module, layout = build_on_meta(lambda o: UniARSD3Transformer(cfg, o), ops,
+                                       post=quantize if fmt is not None else None)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}/config.json: cannot build the SD3 transformer ({e})") from None
+    load_module_weights(module, view(files, fmt, stored, quantized), lambda k: k, dtype, device,
+                        what="SD3 transformer", layout=layout)
+    module.attention = attention
+    module.eval().requires_grad_(False)
     module.weight_format = fmt.name if fmt is not None else None
     module.compact_positions()
     return module
 
 
-def _build_and_load(folder: str, build, what: str, device, dtype: torch.dtype, configure, files=None):
+def _build_and_load(folder: str, build, what: str, device, dtype: torch.dtype, configure):
     """Build a diffusers module on the meta device, fill it from ``folder``'s safetensors (checked, no pickle),
-    configure its attention and put it in inference mode.  ``files(module)``: what to read it from (default: the
-    folder's ``diffusion_pytorch_model`` safetensors)."""
+    configure its attention and put it in inference mode."""
+    files = WeightFiles(folder, "diffusion_pytorch_model")
     try:
         with torch.device("meta"):
             module = build()
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder}/config.json: cannot build the {what} ({e})") from None
-    source = files(module) if files is not None else WeightFiles(folder, "diffusion_pytorch_model")
-    load_module_weights(module, source, lambda k: k, dtype, device, what=what)
+    load_module_weights(module, files, lambda k: k, dtype, device, what=what)
     configure(module)
     module.eval().requires_grad_(False)
     return module

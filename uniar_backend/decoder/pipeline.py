@@ -228,9 +228,13 @@ class UniARDecoder:
                                              * (width // self.vae_scale // dit.config.patch_size))
         scheduler.set_timesteps(steps, device=dev, **kwargs)
         timesteps = scheduler.timesteps
+        p = dit.config.patch_size
+        # prompt projection, pooled embedding and token features are the same at every step: computed once
+        condition = dit.condition(text, pooled, siglip_in, (latents.shape[-2] // p, latents.shape[-1] // p),
+                                  token_grid)
         for i, t in enumerate(timesteps):
             x_in = torch.cat([latents, latents]) if cfg else latents
-            v = dit(x_in, text, pooled, t.expand(x_in.shape[0]), siglip_tensor=siglip_in, token_grid=token_grid)[0]
+            v = dit(x_in, timestep=t.expand(x_in.shape[0]), condition=condition)[0]
             if trace is not None:
                 trace["noise_preds"].append(v.detach().cpu())
             if cfg:
@@ -270,7 +274,7 @@ def load_decoder(ckpt_or_path, device="auto", dtype="auto", attention="auto", ca
     ``dtype`` auto/float32/bfloat16/float16; ``attention`` auto/sdpa/eager/flash_attention_2 (DiT; the VAE uses
     sdpa, or eager when asked); ``cache_dir`` for the prompt embeddings (default: ``<checkpoint>/.uniar_cache``
     when writable, else ``~/.cache/uniar/...``); ``ops`` a layer namespace (e.g. ``comfy.ops``) for the BSQ
-    projections; ``decoder_prompt`` the prompt prepared up front (default: UniAR's constant decoder prompt);
+    projections and the DiT; ``decoder_prompt`` the prompt prepared up front (default: UniAR's constant decoder prompt);
     ``compute_device`` (default: ``device``) where it will run, which decides the attention backend and the
     ``auto`` dtype (a host may load onto an offload device and move or stream the weights later); ``weights``
     int8 / fp8 / int4 quantises the DiT's transformer blocks of a float folder while loading (a folder stored
@@ -293,7 +297,7 @@ def load_decoder(ckpt_or_path, device="auto", dtype="auto", attention="auto", ca
     emb = prompt_embeddings(root, decoder_prompt, device=dev, dtype=dt, cache_dir=cache_dir)
 
     bsq_proj, fingerprint = C.load_bsq_projections(root, dev, dt, ops)
-    transformer = C.load_transformer(root, dev, dt, backend, weights=weights, compute_device=cdev)
+    transformer = C.load_transformer(root, dev, dt, backend, weights=weights, compute_device=cdev, ops=ops)
     vae = C.load_vae(root, dev, dt, backend)
     dec = UniARDecoder(root, transformer, vae, bsq_proj, sched_cfg, fingerprint, cache_dir)
     dec.attention = backend
