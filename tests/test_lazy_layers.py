@@ -140,3 +140,17 @@ def test_a_layer_that_takes_no_tensor_is_an_error():
     ck = Checkpoint(ckpt_path("uniar-tiny"))
     with pytest.raises(CheckpointError, match="without weights"):
         ck.load_ar(components=("llm",), device="cpu", dtype="float32", ops=SimpleNamespace(Linear=Deaf))
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantised_dit_with_lazy_layers(weights):
+    """Lazy layers show no bias before loading: the quantised layers take their shapes and biases from the plain
+    twin (the DiT's feed-forward Linears have biases)."""
+    from uniar_backend.decoder import load_decoder
+
+    root = ckpt_path("uniar-tiny")
+    lazy = load_decoder(root, device="cpu", dtype="float32", ops=LazyOps, weights=weights)
+    plain = load_decoder(root, device="cpu", dtype="float32", weights=weights)
+    ref = plain.transformer.state_dict()
+    assert lazy.transformer.state_dict().keys() == ref.keys()
+    assert all(torch.equal(lazy.transformer.state_dict()[k], ref[k]) for k in ref)

@@ -247,14 +247,16 @@ def build_on_meta(factory: Callable[[object], torch.nn.Module], ops=None, post: 
     ``module.state_dict()``: a layer class may create its weights lazily (ComfyUI's ``comfy.ops`` layers under
     dynamic VRAM keep ``weight = None`` until ``_load_from_state_dict`` hands them a tensor), so the module's own
     state dict does not list every key it loads.  Building twice on the meta device costs no memory.
-    ``post(module)`` runs on both (e.g. replacing layers by quantised ones)."""
+    ``post(module, twin)`` runs on both (e.g. replacing layers by quantised ones), the module first, with the
+    plain twin as the reference for what the lazy layers do not show yet (a lazy Linear has no bias before
+    loading)."""
     with torch.device("meta"):
         module = factory(ops)
         twin = module if ops is None else factory(None)
         if post is not None:
-            post(module)
             if twin is not module:
-                post(twin)
+                post(module, twin)
+            post(twin, twin)
         layout = dict(twin.state_dict(keep_vars=True))
     return module, layout
 

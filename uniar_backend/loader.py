@@ -134,8 +134,8 @@ class Checkpoint:
         if fmt is not None:
             check_device(fmt, cdev)
 
-        def quantize(m):  # on the module and its plain twin: the same layer names
-            quantized[:] = quantize_modules(m, AR_TARGETS, fmt, dt)
+        def quantize(m, twin):  # on the module and its plain twin: the same layer names
+            quantized[:] = quantize_modules(m, AR_TARGETS, fmt, dt, like=twin)
 
         model, layout = build_on_meta(lambda o: UniARModel(cfg, components, ops=o, dtype=dt), ops,
                                       post=quantize if fmt is not None else None)

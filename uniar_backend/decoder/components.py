@@ -124,8 +124,8 @@ def load_transformer(root: str, device, dtype: torch.dtype, attention: str = "sd
     if fmt is not None:
         check_device(fmt, torch.device(compute_device or device))
 
-    def quantize(m):  # on the module and its plain twin: the same layer names
-        quantized[:] = quantize_modules(m, DIT_TARGETS, fmt, dtype)
+    def quantize(m, twin):  # on the module and its plain twin: the same layer names
+        quantized[:] = quantize_modules(m, DIT_TARGETS, fmt, dtype, like=twin)
 
     try:
         module, layout = build_on_meta(lambda o: UniARSD3Transformer(cfg, o), ops,

@@ -85,20 +85,26 @@ def targets(model: nn.Module, pattern: re.Pattern, fmt: Format) -> list[str]:
             if isinstance(mod, nn.Linear) and pattern.match(name) and fmt.fits(mod.out_features, mod.in_features)]
 
 
-def _replace(model: nn.Module, pattern: re.Pattern, fmt: Format, make) -> list[str]:
-    names = targets(model, pattern, fmt)
+def _replace(model: nn.Module, pattern: re.Pattern, fmt: Format, make, like: nn.Module | None = None) -> list[str]:
+    """Replace the target Linears of ``model`` by ``make(layer of like)`` (``like``: a model with the same layer
+    names whose layers show their shapes and biases; default ``model`` itself)."""
+    like = like if like is not None else model
+    names = targets(like, pattern, fmt)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(getattr(parent, child)))
+        setattr(parent, child, make(like.get_submodule(name)))
     return names
 
 
-def quantize_modules(model: nn.Module, pattern: re.Pattern, fmt: Format, dtype: torch.dtype) -> list[str]:
+def quantize_modules(model: nn.Module, pattern: re.Pattern, fmt: Format, dtype: torch.dtype,
+                     like: nn.Module | None = None) -> list[str]:
     """Replace the target Linear layers of ``model`` (built on the meta device) by empty :class:`QuantLinear`
-    layers; returns their names (what the loader then reads)."""
-    return _replace(model, pattern, fmt, lambda old: QuantLinear(old.in_features, old.out_features,
-                                                                 old.bias is not None, fmt, dtype, device="meta"))
+    layers; returns their names (what the loader then reads).  ``like``: the plain-torch twin of ``model`` when
+    its layers create their weights lazily (:func:`uniar_backend.checkpoint.build_on_meta`)."""
+    return _replace(model, pattern, fmt, lambda ref: QuantLinear(ref.in_features, ref.out_features,
+                                                                 ref.bias is not None, fmt, dtype, device="meta"),
+                    like)
 
 
 @torch.no_grad()
