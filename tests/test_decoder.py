@@ -493,3 +493,23 @@ def test_dit_condition_computed_once_is_the_same_step():
                                dit(lat, text, pooled, ts, siglip_tensor=sig, token_grid=(2, 2))[0])
     with pytest.raises(ValueError, match="latent grid"):
         dit(torch.randn(2, 16, 10, 10), timestep=torch.tensor([1.0, 1.0]), condition=cond)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vae_decoder_equals_diffusers_autoencoder(dtype):
+    """The pack's VAE decoder computes exactly what diffusers' AutoencoderKL.decode computes with the checkpoint's
+    weights (sdpa attention)."""
+    from diffusers import AutoencoderKL
+
+    from uniar_backend.checkpoint import WeightFiles
+    from uniar_backend.decoder import components as C
+
+    root = os.path.join(FIXTURES, "uniar-tiny")
+    ours = C.load_vae(root, "cpu", dtype)
+    ref = AutoencoderKL.from_config(C.read_vae_config(root))
+    files = WeightFiles(os.path.join(root, C.VAE_DIR), "diffusion_pytorch_model")
+    ref.load_state_dict(files.read(files.keys()), strict=True)
+    ref = ref.to(dtype).eval()
+    z = torch.randn(2, ref.config.latent_channels, 12, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(ours.decode(z)[0], ref.decode(z, return_dict=False)[0])

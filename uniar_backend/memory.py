@@ -5,7 +5,7 @@ meta device (no weights, no allocation).
 Parts (``components``): ``llm`` (embeddings, the 36 decoder layers, final norm), ``lm_head``, ``vision`` (the
 whole SigLIP2 tower with its mergers and the AR side's BSQ projections), ``gen_head`` (``visual_decoder`` stack +
 ``output_layer_vistok``), ``dit`` (SD3.5-M + UniAR's feature input; its fixed sin-cos position table as the two
-1-D factors the loader keeps), ``vae`` (SD3), ``bsq_projections`` (the
+1-D factors the loader keeps), ``vae`` (SD3's, the decoding half the pack loads), ``bsq_projections`` (the
 decoder's ``bsq_output_proj`` x4).  Quantised formats store the Linears :mod:`uniar_backend.quant` names; the rest
 is bfloat16.
 
@@ -61,17 +61,16 @@ def _decoder(fmt):
     from .config import VisionConfig
     from .decoder.memory import SD3_VAE, SD35M_TRANSFORMER, VISION
     from .decoder.sd3 import UniARSD3Transformer
+    from .decoder.vae import VAEDecoder
     from .modeling.layers import resolve_ops
     from .modeling.vision import BSQOutputProjections
     from .quant.layers import DIT_TARGETS, quantize_modules
-
-    from diffusers import AutoencoderKL
 
     with torch.device("meta"):
         dit = UniARSD3Transformer.from_uniar_config(SD35M_TRANSFORMER)
         if fmt is not None:
             quantize_modules(dit, DIT_TARGETS, fmt, torch.bfloat16)
-        vae = AutoencoderKL.from_config(SD3_VAE)
+        vae = VAEDecoder(SD3_VAE)
         bsq = BSQOutputProjections(VisionConfig(**VISION), resolve_ops())
     return dit, vae, bsq
 

@@ -141,21 +141,6 @@ def load_transformer(root: str, device, dtype: torch.dtype, attention: str = "sd
     return module
 
 
-def _build_and_load(folder: str, build, what: str, device, dtype: torch.dtype, configure):
-    """Build a diffusers module on the meta device, fill it from ``folder``'s safetensors (checked, no pickle),
-    configure its attention and put it in inference mode."""
-    files = WeightFiles(folder, "diffusion_pytorch_model")
-    try:
-        with torch.device("meta"):
-            module = build()
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder}/config.json: cannot build the {what} ({e})") from None
-    load_module_weights(module, files, lambda k: k, dtype, device, what=what)
-    configure(module)
-    module.eval().requires_grad_(False)
-    return module
-
-
 # ---------------------------------------------------------------------------------------------- VAE
 def read_vae_config(root: str) -> dict:
     folder = _require_dir(root, VAE_DIR, "the SD3 VAE")
@@ -171,15 +156,22 @@ def read_vae_config(root: str) -> dict:
     return cfg
 
 
-def load_vae(root: str, device, dtype: torch.dtype, attention: str = "sdpa"):
-    """``sd3_pipeline/vae/`` -> diffusers ``AutoencoderKL`` on ``device`` (weights via our safetensors reader)."""
-    from diffusers import AutoencoderKL
-
-    from .sd3 import set_attention
+def load_vae(root: str, device, dtype: torch.dtype, attention: str = "sdpa", ops=None):
+    """``sd3_pipeline/vae/`` -> :class:`~uniar_backend.decoder.vae.VAEDecoder` (its decoding half, built from
+    ``ops``) on ``device``; the encoder's tensors are not read."""
+    from .vae import VAEDecoder
 
     cfg = read_vae_config(root)
-    return _build_and_load(os.path.join(root, VAE_DIR), lambda: AutoencoderKL.from_config(cfg), "VAE", device, dtype,
-                           lambda m: set_attention(m, attention, vae=True))
+    folder = os.path.join(root, VAE_DIR)
+    try:
+        vae, layout = build_on_meta(lambda o: VAEDecoder(cfg, o), ops)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}/config.json: cannot build the VAE ({e})") from None
+    load_module_weights(vae, WeightFiles(folder, "diffusion_pytorch_model"), lambda k: k, dtype, device, what="VAE",
+                        layout=layout)
+    vae.set_attention(attention)
+    vae.eval().requires_grad_(False)
+    return vae
 
 
 # ---------------------------------------------------------------------------------------------- all parts

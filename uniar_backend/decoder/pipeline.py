@@ -298,7 +298,7 @@ def load_decoder(ckpt_or_path, device="auto", dtype="auto", attention="auto", ca
 
     bsq_proj, fingerprint = C.load_bsq_projections(root, dev, dt, ops)
     transformer = C.load_transformer(root, dev, dt, backend, weights=weights, compute_device=cdev, ops=ops)
-    vae = C.load_vae(root, dev, dt, backend)
+    vae = C.load_vae(root, dev, dt, backend, ops=ops)
     dec = UniARDecoder(root, transformer, vae, bsq_proj, sched_cfg, fingerprint, cache_dir)
     dec.attention = backend
     if cdev != dev:

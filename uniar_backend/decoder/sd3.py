@@ -11,8 +11,7 @@ image) are multiplied by ``image_token_scale_factor``, resampled bicubically to 
 (``super_resolution``), projected and added to the patch + position embedded latent tokens before the first
 block.  The training-only / LoRA / ControlNet / IP-adapter branches of diffusers are not reproduced.
 
-``set_attention`` installs a kernel in the VAE (still diffusers' ``AutoencoderKL``); the DiT reads its
-``attention`` attribute (sdpa / eager / flash_attention_2).
+The DiT reads its ``attention`` attribute (sdpa / eager / flash_attention_2).
 """
 
 from __future__ import annotations
@@ -396,17 +395,3 @@ class Condition:
 
     def __init__(self, context, pooled, dtype, extra, latent_grid):
         self.context, self.pooled, self.dtype, self.extra, self.latent_grid = context, pooled, dtype, extra, latent_grid
-
-
-def set_attention(module: nn.Module, backend: str, vae: bool = False) -> None:
-    """Install the attention kernel ``backend`` (sdpa / eager / flash_attention_2): the DiT reads its
-    ``attention`` attribute; the VAE (diffusers' ``AutoencoderKL``, one 512-wide head in the mid block, which
-    flash-attn cannot run) gets diffusers' ``AttnProcessor`` for eager, ``AttnProcessor2_0`` (sdpa) otherwise."""
-    if not vae:
-        module.attention = backend
-        return
-    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-
-    for m in module.modules():
-        if isinstance(m, Attention):
-            m.set_processor(AttnProcessor() if backend == "eager" else AttnProcessor2_0())

@@ -8,12 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TORCH_OPS = SimpleNamespace(Linear=nn.Linear, LayerNorm=nn.LayerNorm, Conv2d=nn.Conv2d, Conv3d=nn.Conv3d,
-                            Embedding=nn.Embedding)
+TORCH_OPS = SimpleNamespace(Linear=nn.Linear, LayerNorm=nn.LayerNorm, GroupNorm=nn.GroupNorm, Conv2d=nn.Conv2d,
+                            Conv3d=nn.Conv3d, Embedding=nn.Embedding)
 
 
 def resolve_ops(ops=None):
-    """``ops`` may be any object exposing ``Linear``, ``LayerNorm``, ``Conv2d``, ``Conv3d`` and ``Embedding`` classes
+    """``ops`` may be any object exposing ``Linear``, ``LayerNorm``, ``GroupNorm``, ``Conv2d``, ``Conv3d`` and ``Embedding`` classes
     (e.g. ``comfy.ops.manual_cast``); missing names fall back to torch.nn."""
     if ops is None:
         return TORCH_OPS

@@ -439,8 +439,9 @@ def run_real(args) -> dict:
         tcfg["caption_projection_dim"] = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
         vcfg.update(block_out_channels=[16, 16, 32, 32], norm_num_groups=8, layers_per_block=1)
         side = 64
-    from diffusers import AutoencoderKL
     from diffusers.utils import logging as dlogging
+
+    from ..decoder.vae import VAEDecoder
 
     from ..decoder.sd3 import UniARSD3Transformer
 
@@ -482,12 +483,12 @@ def run_real(args) -> dict:
     # 4. VAE decode at the decode side (SD3 VAE), then the end-to-end estimate
     with PeakMemory(dev) as pm_vae:
         with torch.device(dev):
-            vae = AutoencoderKL.from_config(vcfg).to(dtype).eval().requires_grad_(False)
+            vae = VAEDecoder(vcfg).to(dtype).eval().requires_grad_(False)
         z = torch.randn(1, 16, side // 8, side // 8, device=dev, dtype=dtype)
 
         def vae_step():
             with torch.inference_mode():
-                return vae.decode(z).sample
+                return vae.decode(z)[0]
 
         t_vae = _time_cuda(vae_step, dev, reps=3 if dev.type == "cuda" else 1, warmup=1)
     vae = z = None

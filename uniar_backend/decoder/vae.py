@@ -1,0 +1,147 @@
+"""The decoding half of SD3's VAE (diffusers' ``AutoencoderKL``: ``post_quant_conv`` + ``decoder``) as plain modules
+built from a layer namespace (``comfy.ops`` inside ComfyUI: every Conv2d, Linear and GroupNorm streams and casts
+like the DiT's).  Parameter names are diffusers' (``decoder.*``), so ``sd3_pipeline/vae``'s safetensors load as
+they are (the encoder's tensors are not read: the pack never encodes with the VAE); the computation is diffusers'
+op for op (bitwise equal in float32 and bfloat16 with sdpa attention; tested).
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..modeling.layers import attention as attention_core
+from ..modeling.layers import resolve_ops
+
+EPS = 1e-6
+
+
+class _Resnet(nn.Module):
+    """``ResnetBlock2D`` without a time embedding: GroupNorm, SiLU, conv, twice, plus the (1x1 conv) shortcut."""
+
+    def __init__(self, cin: int, cout: int, groups: int, ops):
+        super().__init__()
+        self.norm1 = ops.GroupNorm(groups, cin, eps=EPS, affine=True)
+        self.conv1 = ops.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2 = ops.GroupNorm(groups, cout, eps=EPS, affine=True)
+        self.conv2 = ops.Conv2d(cout, cout, 3, 1, 1)
+        self.conv_shortcut = ops.Conv2d(cin, cout, 1, 1, 0, bias=True) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class _Attention(nn.Module):
+    """The mid block's single-head spatial self-attention (``Attention`` with ``AttnProcessor2_0``)."""
+
+    def __init__(self, channels: int, groups: int, ops):
+        super().__init__()
+        self.group_norm = ops.GroupNorm(groups, channels, eps=EPS, affine=True)
+        self.to_q, self.to_k, self.to_v = (ops.Linear(channels, channels, bias=True) for _ in range(3))
+        self.to_out = nn.ModuleList([ops.Linear(channels, channels, bias=True)])
+        self.backend = "sdpa"
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = x.view(b, c, h * w).transpose(1, 2)
+        t = self.group_norm(t.transpose(1, 2)).transpose(1, 2)
+        q, k, v = (f(t).view(b, -1, 1, c).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        out = attention_core(q, k, v, None, self.backend, 1 / math.sqrt(c)).to(q.dtype)
+        out = self.to_out[0](out)
+        return out.transpose(-1, -2).reshape(b, c, h, w) + x
+
+
+class _MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int, ops, attention: bool = True):
+        super().__init__()
+        self.resnets = nn.ModuleList([_Resnet(channels, channels, groups, ops), _Resnet(channels, channels, groups, ops)])
+        self.attentions = nn.ModuleList([_Attention(channels, groups, ops)]) if attention else None
+
+    def forward(self, x):
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class _Upsample(nn.Module):
+    def __init__(self, channels: int, ops):
+        super().__init__()
+        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _UpBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, layers: int, groups: int, upsample: bool, ops):
+        super().__init__()
+        self.resnets = nn.ModuleList(_Resnet(cin if i == 0 else cout, cout, groups, ops) for i in range(layers))
+        self.upsamplers = nn.ModuleList([_Upsample(cout, ops)]) if upsample else None
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class _Decoder(nn.Module):
+    def __init__(self, c: SimpleNamespace, ops):
+        super().__init__()
+        boc, groups = list(c.block_out_channels), c.norm_num_groups
+        self.conv_in = ops.Conv2d(c.latent_channels, boc[-1], 3, 1, 1)
+        self.mid_block = _MidBlock(boc[-1], groups, ops, c.mid_block_add_attention)
+        rev = list(reversed(boc))
+        blocks, out = [], rev[0]
+        for i, ch in enumerate(rev):
+            prev, out = out, ch
+            blocks.append(_UpBlock(prev, out, c.layers_per_block + 1, groups, i < len(boc) - 1, ops))
+        self.up_blocks = nn.ModuleList(blocks)
+        self.conv_norm_out = ops.GroupNorm(groups, boc[0], eps=EPS, affine=True)
+        self.conv_out = ops.Conv2d(boc[0], c.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class VAEDecoder(nn.Module):
+    """SD3's VAE, decoding side.  ``decode(z)`` -> ``(images,)`` in [-1, 1] (diffusers' ``return_dict=False``)."""
+
+    def __init__(self, cfg: dict, ops=None):
+        super().__init__()
+        ops = resolve_ops(ops)
+        c = SimpleNamespace(
+            latent_channels=cfg.get("latent_channels", 4), out_channels=cfg.get("out_channels", 3),
+            block_out_channels=list(cfg["block_out_channels"]), layers_per_block=cfg.get("layers_per_block", 1),
+            norm_num_groups=cfg.get("norm_num_groups", 32), scaling_factor=cfg["scaling_factor"],
+            shift_factor=cfg.get("shift_factor"), mid_block_add_attention=cfg.get("mid_block_add_attention", True),
+            use_post_quant_conv=cfg.get("use_post_quant_conv", True))
+        if cfg.get("act_fn", "silu") != "silu":
+            raise ValueError(f"act_fn {cfg.get('act_fn')!r} is not supported (SD3's VAE uses silu)")
+        self.config = c
+        self.post_quant_conv = (ops.Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv
+                                else None)
+        self.decoder = _Decoder(c, ops)
+
+    def set_attention(self, backend: str) -> None:
+        """eager, else sdpa (flash-attn cannot run the one 512-wide head)."""
+        if self.decoder.mid_block.attentions is not None:
+            self.decoder.mid_block.attentions[0].backend = "eager" if backend == "eager" else "sdpa"
+
+    def decode(self, z: torch.Tensor, return_dict: bool = False):
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return (self.decoder(z),)
