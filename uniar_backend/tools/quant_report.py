@@ -13,7 +13,8 @@ Per format (int8, fp8, int4) against the float32 model, same run:
   token and over all (once one bit differs the sequences diverge: the later tokens are other samples);
 * caption: greedy token agreement over 64 new tokens (the uniar-tiny fixture: it has the tokenizer);
 * DiT: relative error of one decode (the uniar-tiny fixture's DiT, 4 steps, same noise);
-* speed: ms per AR step (fast sampler, CPU) and ms per DiT step, each format / float32.
+* speed: ms per AR step (fast sampler, CPU) and ms per DiT step, each format / float32 (``--speed-dtype
+  bfloat16``: also against bf16 weights, everything computing in bf16).
 """
 
 from __future__ import annotations
@@ -129,17 +130,59 @@ def _fixture_part(args, out):
     out.setdefault("float32", {})["ms_per_decode_step"] = f_ms
 
 
+def _speed(args, out, dtype_name: str):
+    """ms per AR step and per DiT step with the weights in each format against the float weights, all computing
+    in ``dtype_name`` (interleaved in one run)."""
+    from ..decoder import load_decoder
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    cfg = synthetic.proportionate_config()
+    base = synthetic.random_model(cfg, ("llm", "vision", "gen_head"), "cpu", dt, seed=args.seed)
+    prefix = make_prefix(base, *grid_for(args.steps), seed=args.seed)
+    dec = load_decoder(FIXTURE, device="cpu", dtype=dtype_name) if os.path.isdir(FIXTURE) else None
+    tokens = None
+    if dec is not None:
+        from ..api import UniAR
+
+        tokens = UniAR.load(FIXTURE, ("llm", "gen_head"), device="cpu", dtype="float32").generate(
+            ["A red cube on a blue table."], 64, 64, cfg=1.5, seed=1)
+
+    def dit_ms(d):
+        d.decode(tokens, steps=1, seed=0)  # warm-up
+        t0 = time.perf_counter()
+        d.decode(tokens, steps=4, seed=0)
+        return (time.perf_counter() - t0) / 4 * 1e3
+
+    for fmt in FORMATS:
+        qm = copy.deepcopy(base)
+        quantize_loaded(qm, AR_TARGETS, fmt)
+        with torch.inference_mode():
+            timed_run(qm, prefix, "fast", seed=args.seed)  # warm-up
+            _, qmarks, _, _ = timed_run(qm, prefix, "fast", seed=args.seed)
+            _, fmarks, _, _ = timed_run(base, prefix, "fast", seed=args.seed)
+        r = out.setdefault(fmt, {})
+        r[f"ms_per_ar_step_{dtype_name}"] = window_ms(qmarks, False)
+        r[f"ar_step_ratio_vs_{dtype_name}"] = window_ms(fmarks, False) / window_ms(qmarks, False)
+        if dec is not None:
+            q_ms = dit_ms(load_decoder(FIXTURE, device="cpu", dtype=dtype_name, weights=fmt))
+            r[f"decode_step_ratio_vs_{dtype_name}"] = dit_ms(dec) / q_ms
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m uniar_backend.tools.quant_report", description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=64, help="AR tokens for the t2i agreement and timing (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--speed-dtype", choices=("bfloat16",), default=None,
+                   help="also time every format against float weights computing in this dtype")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     out: dict = {}
     _ar_part(args, out)
     if os.path.isdir(FIXTURE):
         _fixture_part(args, out)
+    if args.speed_dtype:
+        _speed(args, out, args.speed_dtype)
     if args.json:
         print(json.dumps(out))
         return 0
