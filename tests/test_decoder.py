@@ -513,3 +513,96 @@ def test_vae_decoder_equals_diffusers_autoencoder(dtype):
     z = torch.randn(2, ref.config.latent_channels, 12, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.no_grad():
         assert torch.equal(ours.decode(z)[0], ref.decode(z, return_dict=False)[0])
+
+
+# ---------------------------------------------------------------------------------------------- native route pieces
+def test_reference_sigmas_are_the_decoders_schedule():
+    """4 steps: timesteps 1000, 857.69, 602.15, 8.93 (ARCHITECTURE.md section 7), final sigma 0, float32."""
+    from uniar_backend.decoder.components import read_scheduler_config
+    from uniar_backend.decoder.conditioning import reference_sigmas
+
+    cfg = read_scheduler_config(os.path.join(FIXTURES, "uniar-tiny"))
+    s = reference_sigmas(cfg, 4)
+    assert s.dtype == torch.float32 and s.shape == (5,) and s[0] == 1 and s[-1] == 0
+    assert np.allclose((s[:-1] * 1000).numpy(), [1000, 857.69, 602.15, 8.93], atol=0.01)
+    with pytest.raises(InputError, match="steps"):
+        reference_sigmas(cfg, 0)
+
+
+def test_reference_noise_is_the_decoders_and_comfyuis_float32_draw(decoders):
+    from uniar_backend.decoder.conditioning import reference_noise
+
+    dec = decoders["uniar-tiny"]
+    n = reference_noise((2, 16, 8, 12), 5, torch.float32)
+    assert torch.equal(n, dec.initial_latents(2, 64, 96, 5))
+    # ComfyUI's prepare_noise: torch.randn(float32) from torch.manual_seed(seed) on the CPU -- the same draw
+    assert torch.equal(n, torch.randn((2, 16, 8, 12), generator=torch.Generator().manual_seed(5)))
+    bf = reference_noise((1, 16, 8, 8), 5, torch.bfloat16)
+    assert bf.dtype == torch.bfloat16
+    with pytest.raises(InputError):
+        reference_noise((1, 16, 8, 8), -1, torch.float32)
+
+
+@pytest.mark.parametrize("ckpt", sorted(CKPTS))
+def test_token_conditioner_matches_the_decoder(decoders, cache_dir, ckpt):
+    from uniar_backend.decoder.conditioning import load_conditioner
+
+    dec = decoders[ckpt]
+    cond = load_conditioner(os.path.join(FIXTURES, ckpt), device="cpu", dtype="float32", cache_dir=cache_dir)
+    _, _, _, tok = golden_tokens(ckpt, "d1_decode_b1_x2")
+    assert cond.fingerprint == dec.fingerprint and cond.channels == dec.transformer.siglip_channels
+    assert torch.equal(cond.features(tok), dec.token_features(tok))
+    assert torch.equal(cond.features(tok, device="cpu"), dec.token_features(tok))
+    emb, ref = cond.prompt(), dec.prompt_embeddings()
+    assert torch.equal(emb.prompt_embeds, ref.prompt_embeds) and torch.equal(emb.pooled, ref.pooled)
+    other = "uniar-tiny" if ckpt != "uniar-tiny" else "uniar-tiny-bsq64"
+    _, _, _, foreign = golden_tokens(other, "d1_decode_b1_x2")
+    with pytest.raises(TokenError, match="incompatible"):
+        cond.features(foreign)
+
+
+def test_output_sizes_of_a_token_grid():
+    from uniar_backend.decoder.conditioning import check_output_size, output_ratio
+
+    assert output_ratio((64, 64), (96, 96)) == 1.5
+    assert output_ratio((64, 96), (96, 144)) == 1.5
+    assert output_ratio((64, 64), (64, 96)) is None
+    assert output_ratio((64, 64), (160, 160)) is None  # ratio 2.5
+    assert check_output_size((64, 96), (128, 192), True, 512) == 2.0
+    with pytest.raises(InputError, match="not an output size"):
+        check_output_size((64, 64), (64, 96), True, 512)
+    with pytest.raises(InputError, match="super_resolution"):
+        check_output_size((64, 64), (96, 96), False, 512)
+    with pytest.raises(InputError, match="position table"):
+        check_output_size((256, 256), (512, 512), True, 256)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_comfyui_formulation_reproduces_the_decode(decoders, guidance):
+    """The native route's arithmetic without ComfyUI: k-diffusion Euler over denoised = x - sigma v, CFG on the
+    denoised predictions in ComfyUI's batch order [cond, uncond], timestep = sigma x 1000, the DiT's condition made
+    per call -- the same final latents as UniAR Decode (float32 rounding apart)."""
+    from uniar_backend.decoder.conditioning import reference_noise, reference_sigmas, token_grid
+
+    dec = decoders["uniar-tiny-bsq64"]
+    dit = dec.transformer
+    _, _, _, tok = golden_tokens("uniar-tiny-bsq64", "d1_decode_b1_x2")
+    trace = {}
+    dec.decode(tok, steps=4, guidance=guidance, upsampling_ratio=1.5, seed=3, trace=trace)
+    feats = dec.token_features(tok)
+    emb = dec.prompt_embeddings()
+    x = reference_noise((1, 16, 12, 12), 3, torch.float32)
+    sig = reference_sigmas(dec.scheduler_config, 4)
+    halves = [feats, torch.zeros_like(feats)] if guidance != 1 else [feats]
+    with torch.no_grad():
+        for i in range(4):
+            s = sig[i]
+            n = len(halves)
+            c = dit.condition(emb.prompt_embeds.expand(n, -1, -1), emb.pooled.expand(n, -1), torch.cat(halves),
+                              (6, 6), token_grid(tok))
+            v = dit(x.expand(n, -1, -1, -1), timestep=(s * 1000).expand(n), condition=c)[0]
+            den = x - v * s
+            d = den[1:] + (den[:1] - den[1:]) * guidance if n == 2 else den
+            x = x + (x - d) / s * (sig[i + 1] - s)
+    z = x / dec.vae.config.scaling_factor + dec.vae.config.shift_factor
+    assert maxdiff(z, trace["vae_input"]) < 1e-4

@@ -69,6 +69,12 @@ def bsq_fingerprint(files: WeightFiles) -> str:
     return files.fingerprint(lambda k: k.startswith("bsq_output_proj") and (".norm." in k or "linear_fc1.weight" in k))
 
 
+def read_bsq_fingerprint(root: str) -> str:
+    """The codebook fingerprint of a checkpoint's ``bsq_encoder/`` (reads a few small tensors)."""
+    read_bsq_config(root)
+    return bsq_fingerprint(WeightFiles(os.path.join(root, BSQ_DIR), "model"))
+
+
 def load_bsq_projections(root: str, device, dtype: torch.dtype, ops=None) -> tuple[BSQOutputProjections, str]:
     """The per-level ``bsq_output_proj*`` MLPs (codes -> raw vision features) and the codebook fingerprint."""
     cfg = read_bsq_config(root)
@@ -202,10 +208,3 @@ def read_scheduler_config(root: str) -> dict:
     if cfg.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
         raise CheckpointError(f"{path}: expected FlowMatchEulerDiscreteScheduler, found {cfg.get('_class_name')!r}")
     return cfg
-
-
-def make_scheduler(cfg: dict):
-    """A fresh diffusers ``FlowMatchEulerDiscreteScheduler`` (stateful: one per decode call)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler.from_config(cfg)

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Callable
 
 import torch
 
-from ..errors import CheckpointError, InputError, TokenError
+from ..errors import CheckpointError, InputError
 from ..limits import check_seed
 from ..tokens import VisualTokens
+from .conditioning import (check_steps, check_tokens, make_scheduler, reference_noise, target_size,
+                           token_features, token_grid)
 from .prompt import DEFAULT_DECODER_PROMPT, PromptEmbeddings, check_prompt, prompt_embeddings
-
-MAX_STEPS = 1000
-RATIO_RANGE = (1.0, 2.0)
-PIXELS_PER_PATCH = 16  # one siglip_tensor entry per 16x16 pixels of the AR image
 
 Callback = Callable[[int, int], None]
 
@@ -36,28 +33,8 @@ def _param(module: torch.nn.Module) -> torch.Tensor:
     return next(module.parameters())
 
 
-def target_size(ar_height: int, ar_width: int, upsampling_ratio: float) -> tuple[int, int]:
-    """Output size of the decoder (upstream: ``int(round(ar * ratio))``, Python rounding), validated."""
-    r = upsampling_ratio
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
-        raise InputError(f"upsampling_ratio must be a number, got {r!r}")
-    lo, hi = RATIO_RANGE
-    if not lo <= r <= hi:
-        raise InputError(f"upsampling_ratio must be between {lo:g} and {hi:g}, got {r:g}")
-    h, w = int(round(ar_height * r)), int(round(ar_width * r))
-    if h % PIXELS_PER_PATCH or w % PIXELS_PER_PATCH:
-        ok = [x / 8 for x in range(8, 17)
-              if all(round(s * x / 8) % PIXELS_PER_PATCH == 0 for s in (ar_height, ar_width))]
-        raise InputError(
-            f"upsampling_ratio {r:g} turns the {ar_width}x{ar_height} tokens into {w}x{h} pixels; both sides must be "
-            f"multiples of {PIXELS_PER_PATCH} (e.g. ratio {', '.join(f'{x:g}' for x in ok)})"
-        )
-    return h, w
-
-
 def check_decode_args(steps, guidance, seed) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise InputError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+    check_steps(steps)
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
         raise InputError(f"guidance must be a finite number, got {guidance!r}")
     check_seed(seed)
@@ -139,12 +116,7 @@ class UniARDecoder:
     def check(self, tokens: VisualTokens, steps: int = 28, guidance: float = 1.5, upsampling_ratio: float = 1.0,
               seed: int = 0) -> tuple[int, int]:
         """Validate everything :meth:`decode` needs (cheap); returns the output (height, width)."""
-        if not isinstance(tokens, VisualTokens):
-            raise TokenError(f"expected VisualTokens, got {type(tokens).__name__}")
-        tokens.validate()
-        for w in tokens.check_compatible(self.bsq_dim, self.levels, self.merge_unit, self.fingerprint,
-                                         what="this decoder (bsq_encoder/)"):
-            warnings.warn(w, stacklevel=2)
+        check_tokens(tokens, self.bsq_dim, self.levels, self.merge_unit, self.fingerprint)
         check_decode_args(steps, guidance, seed)
         h, w = target_size(tokens.ar_height, tokens.ar_width, upsampling_ratio)
         tcfg = self.transformer.config
@@ -164,26 +136,14 @@ class UniARDecoder:
         return h, w
 
     # ------------------------------------------------------------------ pieces
-    @torch.no_grad()
     def token_features(self, tokens: VisualTokens) -> torch.Tensor:
-        """``siglip_tensor`` (B, gh*gw, levels*Dv): raw ``bsq_output_proj*`` features, levels interleaved on the
-        channel axis (channel ``c * levels + level``, upstream's stack(-1).flatten), raster 16-px patch order."""
-        bits = tokens.bits().to(self.device)  # (B, N, levels, u, d), reference codec incl. the 64-bit quirk
-        feats = self.bsq_proj.project(bits)  # levels x (B*N*u, Dv)
-        x = torch.stack(feats, dim=-1).flatten(-2)  # (B*N*u, Dv*levels)
-        b, m = tokens.batch_size, self.merge_size
-        rows, cols = tokens.grid  # merged-token grid (32-px cells)
-        # tokens are 2x2 merge windows in raster order, sub-patches row-major -> raster order of 16-px patches
-        x = x.view(b, rows, cols, m, m, x.shape[-1]).permute(0, 1, 3, 2, 4, 5).reshape(b, rows * cols * m * m, -1)
-        return x
+        """``siglip_tensor`` (B, gh*gw, levels*Dv) of the tokens (:func:`.conditioning.token_features`)."""
+        return token_features(self.bsq_proj, tokens, self.device)
 
     def initial_latents(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
-        """``torch.randn`` on the CPU from ``Generator('cpu').manual_seed(seed)`` in the model dtype (diffusers'
-        ``randn_tensor`` with a CPU generator: one draw over the whole batch), so a seed gives the same image on
-        any device."""
-        g = torch.Generator("cpu").manual_seed(seed)
+        """The starting latents for ``seed`` (:func:`.conditioning.reference_noise`, in the model dtype)."""
         shape = (batch, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
-        return torch.randn(shape, generator=g, dtype=self.dtype)
+        return reference_noise(shape, seed, self.dtype)
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
@@ -204,7 +164,7 @@ class UniARDecoder:
         cfg = guidance > 1  # diffusers: do_classifier_free_guidance = guidance_scale > 1
 
         siglip = self.token_features(tokens).to(dev, dt)
-        token_grid = (tokens.ar_height // PIXELS_PER_PATCH, tokens.ar_width // PIXELS_PER_PATCH)
+        grid = token_grid(tokens)
         cond = emb.to(dev, dt)
         text = cond.prompt_embeds.expand(B, -1, -1)
         pooled = cond.pooled.expand(B, -1)
@@ -219,19 +179,13 @@ class UniARDecoder:
             trace.update(siglip_tensor=siglip.detach().cpu(), initial_latents=latents.clone(), noise_preds=[])
         latents = latents.to(dev)
 
-        from .components import make_scheduler
-
-        scheduler = make_scheduler(self.scheduler_config)
-        kwargs = {}
-        if scheduler.config.get("use_dynamic_shifting", False):
-            kwargs["mu"] = _dynamic_shift_mu(scheduler.config, height // self.vae_scale // dit.config.patch_size
-                                             * (width // self.vae_scale // dit.config.patch_size))
-        scheduler.set_timesteps(steps, device=dev, **kwargs)
-        timesteps = scheduler.timesteps
         p = dit.config.patch_size
+        scheduler = make_scheduler(self.scheduler_config, steps, dev,
+                                   image_seq_len=(height // self.vae_scale // p) * (width // self.vae_scale // p))
+        timesteps = scheduler.timesteps
         # prompt projection, pooled embedding and token features are the same at every step: computed once
         condition = dit.condition(text, pooled, siglip_in, (latents.shape[-2] // p, latents.shape[-1] // p),
-                                  token_grid)
+                                  grid)
         for i, t in enumerate(timesteps):
             x_in = torch.cat([latents, latents]) if cfg else latents
             v = dit(x_in, timestep=t.expand(x_in.shape[0]), condition=condition)[0]
@@ -252,14 +206,6 @@ class UniARDecoder:
             trace.update(vae_input=z.detach().cpu(), vae_output=image.detach().cpu())
         image = (image / 2 + 0.5).clamp(0, 1)
         return image.permute(0, 2, 3, 1).float().cpu().contiguous()
-
-
-def _dynamic_shift_mu(cfg, image_seq_len: int) -> float:
-    """diffusers' ``calculate_shift`` (only for schedulers with ``use_dynamic_shifting``; SD3.5-M has it off)."""
-    base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-    base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16)
-    m = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * m + (base_shift - m * base_len)
 
 
 # ---------------------------------------------------------------------------------------------- loading
