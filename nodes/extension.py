@@ -8,6 +8,7 @@ from .caption import UniARCaption
 from .decode import UniARDecode
 from .generate import UniAREncodeImage, UniARGenerate
 from .loader import UniARDownloadModel, UniARModelLoader
+from .native import NODES as NATIVE_NODES
 from .tokens import UniARLoadTokens, UniARPreviewTokens, UniARSaveTokens
 
 NODES = [
@@ -20,6 +21,7 @@ NODES = [
     UniARSaveTokens,
     UniARLoadTokens,
     UniARPreviewTokens,
+    *NATIVE_NODES,
 ]
 
 

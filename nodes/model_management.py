@@ -51,6 +51,7 @@ class _Slot:
     def __init__(self):
         self.ar: dict | None = None
         self.dec: dict | None = None
+        self.cond: dict | None = None  # the token conditioner of the native route (no patcher: a few MB)
 
     def __copy__(self):  # a copied handle names the same loaded parts
         return self
@@ -59,6 +60,7 @@ class _Slot:
         return self
 
     def release(self) -> None:
+        self.cond = None
         for name in ("ar", "dec"):
             entry = getattr(self, name)
             setattr(self, name, None)
@@ -301,6 +303,47 @@ def decoder_model(handle: UniARHandle):
         _bring_up(slot.dec["patcher"])
         _set_compute_device(slot.dec["decoder"], slot.dec["patcher"].load_device)
         return ckpt, slot.dec["decoder"]
+
+
+def native_decoder(handle: UniARHandle):
+    """-> (MODEL patcher, VAE) of the native route: the checkpoint's DiT as a ComfyUI model and its VAE as a core
+    VAE (``native_model.py``), read onto the offload device; ComfyUI's samplers and VAE nodes bring them up."""
+    from ..uniar_backend.decoder import components as C
+    from ..uniar_backend.runtime import resolve_attention
+    from .native_model import UniARDiTModel, UniARModelConfig, UniARVAE
+
+    ckpt, dev, dtype, _ = _resolve(handle)
+    root = C.checkpoint_root(ckpt)
+    dt = getattr(torch, dtype)
+    backend = resolve_attention(handle.attention, dev, dt)
+    sched_cfg = C.check_parts(root)  # cheap checks of every part before anything heavy
+    vae_cfg = C.read_vae_config(root)
+    fingerprint = C.read_bsq_fingerprint(root)
+    off = offload_device()
+    dit = C.load_transformer(root, off, dt, backend, weights=handle.weights, compute_device=dev, ops=comfy_ops())
+    vae = C.load_vae(root, off, dt, backend, ops=comfy_ops())
+    if vae.config.latent_channels != dit.config.in_channels:
+        raise RuntimeError(f"{root}: VAE latent channels {vae.config.latent_channels} != DiT in_channels "
+                           f"{dit.config.in_channels}")
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    config = UniARModelConfig(sched_cfg, vae_cfg, scale)
+    model = UniARDiTModel(config, dit, dt, fingerprint, handle.name, sched_cfg, device=off)
+    patcher = patcher_class()(model, load_device=dev, offload_device=off)
+    return patcher, UniARVAE(vae, vae.config.latent_channels, scale, patcher_class())
+
+
+def conditioner(handle: UniARHandle):
+    """-> the handle's :class:`~uniar_backend.decoder.conditioning.TokenConditioner` (BSQ projections on the
+    offload device, decoder-prompt embeddings), loaded once per slot."""
+    from ..uniar_backend.decoder.conditioning import load_conditioner
+
+    ckpt, dev, dtype, key = _resolve(handle)
+    slot = handle.slot
+    with _LOCK:
+        if slot.cond is None or slot.cond["key"] != key:
+            slot.cond = {"key": key, "conditioner": load_conditioner(ckpt, offload_device(), dtype,
+                                                                     ops=comfy_ops())}
+        return slot.cond["conditioner"]
 
 
 def unload_all() -> None:

@@ -84,7 +84,8 @@ class ComfyExtension:
 def build_modules(tmp_root: str) -> dict:
     io = types.ModuleType("comfy_api.latest.io")
     for name, t in {"Int": "INT", "Float": "FLOAT", "String": "STRING", "Boolean": "BOOLEAN", "Combo": "COMBO",
-                    "Image": "IMAGE", "Mask": "MASK"}.items():
+                    "Image": "IMAGE", "Mask": "MASK", "Model": "MODEL", "Vae": "VAE", "Conditioning": "CONDITIONING",
+                    "Latent": "LATENT", "Noise": "NOISE", "Sigmas": "SIGMAS"}.items():
         setattr(io, name, _comfytype(t))
     io.Custom = _comfytype
     io.Schema = Schema

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 NODE_IDS = ["UniARModelLoader", "UniARDownloadModel", "UniAREncodeImage", "UniARGenerate", "UniARDecode",
-            "UniARCaption", "UniARSaveTokens", "UniARLoadTokens", "UniARPreviewTokens"]
+            "UniARCaption", "UniARSaveTokens", "UniARLoadTokens", "UniARPreviewTokens", "UniARDecoderLoader",
+            "UniARTokensToConditioning", "UniAREmptyLatent", "UniARReferenceNoise", "UniARReferenceSigmas"]
 WORKFLOWS = sorted(f[:-5] for f in os.listdir(API_DIR) if f.endswith(".json"))
 
 

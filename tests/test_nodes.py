@@ -42,7 +42,8 @@ def template_slug(name: str) -> str:
 API_WORKFLOWS = sorted(f for f in os.listdir(API_DIR) if f.endswith(".json")) if os.path.isdir(API_DIR) else []
 CORE_NODES = {"LoadImage", "SaveImage", "PreviewImage", "MarkdownNote", "Note"}
 NODE_IDS = ["UniARModelLoader", "UniARDownloadModel", "UniAREncodeImage", "UniARGenerate", "UniARDecode",
-            "UniARCaption", "UniARSaveTokens", "UniARLoadTokens", "UniARPreviewTokens"]
+            "UniARCaption", "UniARSaveTokens", "UniARLoadTokens", "UniARPreviewTokens", "UniARDecoderLoader",
+            "UniARTokensToConditioning", "UniAREmptyLatent", "UniARReferenceNoise", "UniARReferenceSigmas"]
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
