@@ -40,7 +40,7 @@ def template_slug(name: str) -> str:
     prefix, title = name[: -len(".json")].split(" - ", 1)
     return f"{prefix.lower()}_{title.lower().replace(' ', '_')}"
 API_WORKFLOWS = sorted(f for f in os.listdir(API_DIR) if f.endswith(".json")) if os.path.isdir(API_DIR) else []
-CORE_NODES = {"LoadImage", "SaveImage", "PreviewImage", "MarkdownNote", "Note"}
+CORE_NODES = {"LoadImage", "SaveImage", "PreviewImage", "MarkdownNote", "Note", "KSampler", "VAEDecode"}
 NODE_IDS = ["UniARModelLoader", "UniARDownloadModel", "UniAREncodeImage", "UniARGenerate", "UniARDecode",
             "UniARCaption", "UniARSaveTokens", "UniARLoadTokens", "UniARPreviewTokens", "UniARDecoderLoader",
             "UniARTokensToConditioning", "UniAREmptyLatent", "UniARReferenceNoise", "UniARReferenceSigmas"]

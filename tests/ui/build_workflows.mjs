@@ -3,6 +3,7 @@
 // node, slot, link and widget value is serialised exactly as the frontend itself does it.
 //
 //   PW_DIR=<folder with node_modules/playwright-core> node tests/ui/build_workflows.mjs [--url URL] [--out DIR]
+//       [--only SUBSTRING]
 //
 // Needs a running ComfyUI with this pack (tests/comfyui_server.py) and Debian's chromium.  The graph of each
 // template is described below (node types, positions, widget values by name, links by input name).
@@ -17,10 +18,10 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const require = createRequire(path.join(process.env.PW_DIR || here, 'package.json'));
 const { chromium } = require('playwright-core');
 
-const opt = { url: 'http://127.0.0.1:8188', out: path.resolve(here, '..', '..', 'example_workflows') };
+const opt = { url: 'http://127.0.0.1:8188', out: path.resolve(here, '..', '..', 'example_workflows'), only: '' };
 for (let i = 2; i < process.argv.length; i++) {
   const a = process.argv[i];
-  if (a === '--url' || a === '--out') opt[a.slice(2)] = process.argv[++i];
+  if (a === '--url' || a === '--out' || a === '--only') opt[a.slice(2)] = process.argv[++i];
   else { console.error(`unknown argument ${a}`); process.exit(2); }
 }
 
@@ -48,6 +49,25 @@ const caption = (id, pos, question) => ({
 });
 const note = (id, pos, text, size = [380, 200]) => ({ id, type: 'MarkdownNote', pos, size, widgets: { text } });
 const L = (from, fromSlot, to, input) => ({ from, fromSlot, to, input });
+// the native route: the decoder as ComfyUI's MODEL / VAE, sampled by the stock KSampler
+const decLoader = (id, pos) => ({ id, type: 'UniARDecoderLoader', pos, size: [300, 80] });
+const toCond = (id, pos) => ({ id, type: 'UniARTokensToConditioning', pos, size: [300, 200], widgets: { decoder_prompt: '' } });
+const emptyLatent = (id, pos) => ({ id, type: 'UniAREmptyLatent', pos, size: [300, 80], widgets: { upsampling_ratio: 1.0 } });
+const ksampler = (id, pos) => ({
+  id, type: 'KSampler', pos, size: [320, 470],
+  widgets: { seed: 0, control_after_generate: 'randomize', steps: 28, cfg: 1.5, sampler_name: 'euler',
+    scheduler: 'simple', denoise: 1.0 },
+});
+const vaeDecode = (id, pos) => ({ id, type: 'VAEDecode', pos });
+const nativeLinks = (model, tokens, dl, tc, el, ks, vd, sv) => [
+  L(model, 0, dl, 'model'), L(model, 0, tc, 'model'), L(tokens, 0, tc, 'tokens'), L(tokens, 0, el, 'tokens'),
+  L(dl, 0, ks, 'model'), L(tc, 0, ks, 'positive'), L(tc, 1, ks, 'negative'), L(el, 0, ks, 'latent_image'),
+  L(ks, 0, vd, 'samples'), L(dl, 1, vd, 'vae'), L(vd, 0, sv, 'images')];
+const ROUTES = 'Two routes decode tokens: **UniAR Decode** (one node, the reference decoder: use it to reproduce ' +
+  'UniAR) and this one, the decoder as ComfyUI models: any sampler and scheduler, live previews, VAE Decode ' +
+  '(Tiled), and every node that takes a MODEL, LATENT or CONDITIONING. KSampler with euler / simple at the ' +
+  'same seed is close to UniAR Decode, not equal (its schedule differs slightly); UniAR Reference Noise + ' +
+  'Reference Sigmas in SamplerCustomAdvanced reproduce it.';
 
 const SETUP = 'Put the checkpoint folder **UniAR-SFT** (or UniAR-RL) from ' +
   '[Hugging Face](https://huggingface.co/ShareLab-SII/UniAR-SFT) into `ComfyUI/models/uniar/` (the whole folder: ' +
@@ -110,6 +130,25 @@ const WORKFLOWS = {
       L(1, 0, 5, 'model'), L(2, 0, 5, 'tokens'), L(1, 0, 6, 'model'), L(2, 0, 6, 'edit_tokens'),
       L(1, 0, 7, 'model'), L(6, 0, 7, 'tokens'), L(7, 0, 8, 'images')],
   },
+  'UniAR - Text to image with KSampler': {
+    nodes: [
+      loader(1, [40, 80]), gen(2, [420, 80], 'A red vintage car parked in front of a pastel blue house, golden hour.'),
+      decLoader(3, [880, 80]), toCond(4, [880, 230]), emptyLatent(5, [880, 470]), ksampler(6, [1260, 80]),
+      vaeDecode(7, [1620, 80]), save(8, [1620, 200], 'uniar/t2i_ksampler'),
+      note(9, [40, 300], '### UniAR text to image with KSampler\n' + ROUTES + '\n\n' + SETUP, [360, 420]),
+    ],
+    links: [L(1, 0, 2, 'model'), ...nativeLinks(1, 2, 3, 4, 5, 6, 7, 8)],
+  },
+  'UniAR - Reconstruct with KSampler': {
+    nodes: [
+      loader(1, [40, 80]), loadImage(2, [40, 260]), { id: 3, type: 'UniAREncodeImage', pos: [420, 80] },
+      decLoader(4, [780, 80]), toCond(5, [780, 230]), emptyLatent(6, [780, 470]), ksampler(7, [1160, 80]),
+      vaeDecode(8, [1520, 80]), save(9, [1520, 200], 'uniar/reconstruct_ksampler'),
+      note(10, [40, 660], '### UniAR reconstruct with KSampler\nImage -> visual tokens -> image through ComfyUI\'s ' +
+        'own sampler. ' + ROUTES + '\n\n' + SETUP, [360, 380]),
+    ],
+    links: [L(1, 0, 3, 'model'), L(2, 0, 3, 'image'), ...nativeLinks(1, 3, 4, 5, 6, 7, 8, 9)],
+  },
 };
 
 const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'uniar-build-'));
@@ -128,6 +167,7 @@ try {
   await page.waitForTimeout(1500);
   fs.mkdirSync(opt.out, { recursive: true });
   for (const [name, wf] of Object.entries(WORKFLOWS)) {
+    if (!name.includes(opt.only)) continue;
     const result = await page.evaluate((wf) => {
       const { app, LiteGraph } = window;
       app.graph.clear();

@@ -7,7 +7,7 @@
 // Needs a running ComfyUI with this pack (tests/comfyui_server.py) whose 'uniar' folder holds a checkpoint named
 // like the templates' loader (UniAR-SFT: a link to a fixture is enough), and Debian's chromium. For each template:
 // loads it with app.loadGraphData, records missing node types, open dialogs (e.g. the missing-models dialog),
-// toasts and page errors; then (unless --no-run) shrinks the sizes for a CPU run (AR 64x64, 2 decoder steps,
+// toasts and page errors; then (unless --no-run) shrinks the sizes for a CPU run (AR 64x64, 2 decoder / KSampler steps,
 // 12 answer tokens), queues it, waits for the queue to empty, reads the answer box of every Caption node and takes
 // a screenshot (DIR/<template>.png). --thumbnails also writes example_workflows/<template>.jpg (ImageMagick's
 // convert). Prints one JSON report; exit 0 only when every template loaded with no missing nodes, no dialog, no
@@ -95,6 +95,7 @@ try {
           };
           if (node.type === 'UniARGenerate') { set('width', 64); set('height', 64); set('control_after_generate', 'fixed'); }
           if (node.type === 'UniARDecode') { set('steps', 2); set('control_after_generate', 'fixed'); }
+          if (node.type === 'KSampler') { set('steps', 2); set('control_after_generate', 'fixed'); }
           if (node.type === 'UniARCaption') set('max_new_tokens', 12);
         }
         let err = null;
@@ -136,7 +137,12 @@ try {
         return { x: x0, y: y0, width: x1 - x0, height: y1 - y0 };
       });
       const crop = path.join(opt.shots, `${name}.graph.png`);
+      // only the graph: the canvas and its DOM widgets; the floating menus, minimap and toasts hidden
+      const style = await page.addStyleTag({ content: 'body * { visibility: hidden !important; } ' +
+        '#graph-canvas, .dom-widget, .dom-widget * { visibility: visible !important; }' });
+      await page.waitForTimeout(200);
       await page.screenshot({ path: crop, clip });
+      await style.evaluate((el) => el.remove());
       execFileSync('convert', [crop, '-resize', '960x720', '-quality', '85', path.join(dir, `${name}.jpg`)]);
     }
     r.screenshot = shot;
