@@ -279,6 +279,17 @@ def test_tokens_from_another_checkpoint(server):
     assert "incompatible" in err["exception_message"] and "Re-create the tokens" in err["exception_message"], err
 
 
+def test_conditioning_and_model_of_different_checkpoints(server):
+    """Tokens and conditioning of one checkpoint, the DiT of another (same feature width, another token encoder)."""
+    g = native_graph("uniar-tiny-bsq64", 64, 64, [(1.0, 1.5)], steps=2)
+    g["m2"] = loader("uniar-tiny")
+    g["3"]["inputs"]["model"] = ["m2", 0]
+    err = one_error(server, g)
+    assert err["node_type"] == "SamplerCustomAdvanced", err
+    msg = err["exception_message"]
+    assert "another UniAR checkpoint's token encoder" in msg and "the same UniAR model" in msg, err
+
+
 def test_conditioning_without_uniar_features(server):
     g = native_graph("uniar-tiny", 64, 64, [(1.0, 1.5)], steps=2)
     g["c"] = {"class_type": "UniARTestSD3Conditioning", "inputs": {"length": 20, "width": 48, "pooled": 40,
@@ -297,6 +308,17 @@ def test_text_conditioning_of_the_wrong_width(server):
     g["4"]["inputs"]["conditioning"] = ["c", 0]
     err = one_error(server, g)
     assert "(4096, 2048)" in err["exception_message"] and "(48, 40)" in err["exception_message"], err
+
+
+def test_vae_encode_says_the_vae_decodes_only(server):
+    g = {"1": loader("uniar-tiny"), "3": {"class_type": "UniARDecoderLoader", "inputs": {"model": ["1", 0]}},
+         "i": {"class_type": "LoadImage", "inputs": {"image": "uniar_test.png"}},
+         "e": {"class_type": "VAEEncode", "inputs": {"pixels": ["i", 0], "vae": ["3", 1]}},
+         "p": {"class_type": "VAEDecode", "inputs": {"samples": ["e", 0], "vae": ["3", 1]}},
+         "s": {"class_type": "SaveImage", "inputs": {"images": ["p", 0], "filename_prefix": "uniar/x"}}}
+    err = one_error(server, g)
+    assert err["node_type"] == "VAEEncode", err
+    assert "decodes only" in err["exception_message"] and "UniAR Encode Image" in err["exception_message"], err
 
 
 @pytest.mark.parametrize("latent", [{"width": 96, "height": 64}, {"width": 160, "height": 160}],
