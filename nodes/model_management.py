@@ -306,8 +306,9 @@ def decoder_model(handle: UniARHandle):
 
 
 def native_decoder(handle: UniARHandle):
-    """-> (MODEL patcher, VAE) of the native route: the checkpoint's DiT as a ComfyUI model and its VAE as a core
-    VAE (``native_model.py``), read onto the offload device; ComfyUI's samplers and VAE nodes bring them up."""
+    """-> (MODEL patcher, VAE) of the native route: the checkpoint's DiT as a ComfyUI model and its VAE (both
+    halves) as a core VAE (``native_model.py``), read onto the offload device; ComfyUI's samplers and VAE nodes
+    bring them up."""
     from ..uniar_backend.decoder import components as C
     from ..uniar_backend.runtime import resolve_attention
     from .native_model import UniARDiTModel, UniARModelConfig, UniARVAE
@@ -322,6 +323,7 @@ def native_decoder(handle: UniARHandle):
     off = offload_device()
     dit = C.load_transformer(root, off, dt, backend, weights=handle.weights, compute_device=dev, ops=comfy_ops())
     vae = C.load_vae(root, off, dt, backend, ops=comfy_ops())
+    encoder = C.load_vae(root, off, dt, backend, ops=comfy_ops(), part="encoder")
     if vae.config.latent_channels != dit.config.in_channels:
         raise RuntimeError(f"{root}: VAE latent channels {vae.config.latent_channels} != DiT in_channels "
                            f"{dit.config.in_channels}")
@@ -329,7 +331,7 @@ def native_decoder(handle: UniARHandle):
     config = UniARModelConfig(sched_cfg, vae_cfg, scale)
     model = UniARDiTModel(config, dit, dt, fingerprint, handle.name, sched_cfg, device=off)
     patcher = patcher_class()(model, load_device=dev, offload_device=off)
-    return patcher, UniARVAE(vae, vae.config.latent_channels, scale, patcher_class())
+    return patcher, UniARVAE(vae, encoder, vae.config.latent_channels, scale, patcher_class())
 
 
 def conditioner(handle: UniARHandle):

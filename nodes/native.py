@@ -26,13 +26,13 @@ class UniARDecoderLoader(io.ComfyNode):
             category="UniAR/decode",
             description=("Loads the checkpoint's image decoder as ComfyUI models: the DiT as a MODEL (flow "
                          "matching with the checkpoint's shift, so KSampler with euler / simple works) and the VAE "
-                         "as a VAE (VAE Decode, VAE Decode (Tiled)). Decoding only: use UniAR Tokens to "
-                         "Conditioning for positive / negative and UniAR Empty Latent for the latent."),
+                         "as a VAE (VAE Decode / Encode, tiled too). Use UniAR Tokens to Conditioning for positive / "
+                         "negative and UniAR Empty Latent for the latent."),
             inputs=[UniARModel.Input("model", tooltip=("The UniAR model (its dtype and weights settings apply; "
                                                        "int8 / fp8 / int4 quantise the DiT blocks)."))],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The UniAR DiT as a ComfyUI diffusion model."),
-                io.Vae.Output(display_name="VAE", tooltip="The checkpoint's SD3 VAE (decode only)."),
+                io.Vae.Output(display_name="VAE", tooltip="The checkpoint's SD3 VAE (decode and encode)."),
             ],
         )
 

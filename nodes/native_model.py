@@ -8,8 +8,8 @@ what its samplers and VAE nodes read:
   timestep multiplier of the checkpoint's scheduler, the SD3 latent format with the checkpoint VAE's scaling and
   shift (so KSampler's latent handling and live previews work), and ``extra_conds`` that turn the UniAR entries
   of a ``CONDITIONING`` (``uniar_siglip``, ``uniar_token_grid``) into DiT inputs, checked before sampling;
-* ``UniARVAE`` (a ``comfy.sd.VAE``): ComfyUI's decode / tiled decode / batching around the backend's VAE decoder
-  (decode only: the checkpoint's VAE encoder is not loaded).
+* ``UniARVAE`` (a ``comfy.sd.VAE``): ComfyUI's encode / decode / tiled / batching around the backend's two VAE
+  halves (the checkpoint's SD3 VAE, whatever its size).
 
 Both are wrapped by the patcher ComfyUI uses for its own models, so loading, offloading, low-VRAM streaming,
 previews, progress and cancel all come from ComfyUI.
@@ -174,19 +174,22 @@ class UniARDiTModel(comfy.model_base.BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- VAE
-class UniARVAEDecoder(torch.nn.Module):
-    """What ``comfy.sd.VAE`` calls: ``decode(z)`` -> images in [-1, 1]; no encoder."""
+class UniARVAEModel(torch.nn.Module):
+    """What ``comfy.sd.VAE`` calls: ``decode(z)`` -> images in [-1, 1], ``encode(x)`` -> the latent mean (both
+    halves are the backend's modules)."""
 
-    def __init__(self, vae):
+    def __init__(self, decoder, encoder=None):
         super().__init__()
-        self.vae = vae
+        self.decoder = decoder
+        self.encoder = encoder
 
     def decode(self, z, **kwargs):
-        return self.vae.decode(z)[0]
+        return self.decoder.decode(z)[0]
 
     def encode(self, x, **kwargs):
-        raise InputError("the UniAR VAE decodes only (its encoder is not loaded): to turn an image into UniAR "
-                         "tokens use 'UniAR Encode Image'; for other models' latents load their own VAE")
+        if self.encoder is None:
+            raise InputError("this UniAR VAE was loaded without its encoder: VAE Encode cannot use it")
+        return self.encoder.encode(x)
 
 
 class _DropNoWeightsWarning(logging.Filter):
@@ -195,11 +198,10 @@ class _DropNoWeightsWarning(logging.Filter):
 
 
 class UniARVAE(comfy.sd.VAE):
-    """A core ``VAE`` whose model is the backend's VAE decoder (the checkpoint's SD3 VAE config, whatever its
-    size).  The attributes ComfyUI's VAE methods read come from this release's own ``VAE.__init__`` (called with no
+    """A core ``VAE`` whose model is the backend's VAE (the checkpoint's SD3 VAE config, whatever its size).  The attributes ComfyUI's VAE methods read come from this release's own ``VAE.__init__`` (called with no
     weights: it sets its defaults and stops), then the decoder, devices and patcher are set as it would set them."""
 
-    def __init__(self, vae, latent_channels: int, downscale: int, patcher_cls):
+    def __init__(self, vae, encoder, latent_channels: int, downscale: int, patcher_cls):
         flt = _DropNoWeightsWarning()
         root = logging.getLogger()
         root.addFilter(flt)
@@ -209,7 +211,7 @@ class UniARVAE(comfy.sd.VAE):
             root.removeFilter(flt)
         self.latent_channels = int(latent_channels)
         self.downscale_ratio = self.upscale_ratio = int(downscale)
-        self.first_stage_model = UniARVAEDecoder(vae).eval()
+        self.first_stage_model = UniARVAEModel(vae, encoder).eval()
         self.device = mm.vae_device()
         offload = mm.vae_offload_device()
         self.vae_dtype = next(vae.parameters()).dtype

@@ -606,3 +606,23 @@ def test_comfyui_formulation_reproduces_the_decode(decoders, guidance):
             x = x + (x - d) / s * (sig[i + 1] - s)
     z = x / dec.vae.config.scaling_factor + dec.vae.config.shift_factor
     assert maxdiff(z, trace["vae_input"]) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vae_encoder_equals_diffusers_autoencoder(dtype):
+    """The encoding half (native route's VAE Encode): AutoencoderKL.encode(x).latent_dist.mode(), exactly."""
+    from diffusers import AutoencoderKL
+
+    from uniar_backend.checkpoint import WeightFiles
+    from uniar_backend.decoder import components as C
+
+    root = os.path.join(FIXTURES, "uniar-tiny")
+    ours = C.load_vae(root, "cpu", dtype, part="encoder")
+    assert not any(k.startswith("decoder.") for k in ours.state_dict())
+    ref = AutoencoderKL.from_config(C.read_vae_config(root))
+    files = WeightFiles(os.path.join(root, C.VAE_DIR), "diffusion_pytorch_model")
+    ref.load_state_dict(files.read(files.keys()), strict=True)
+    ref = ref.to(dtype).eval()
+    x = (torch.rand(2, 3, 48, 80, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(ours.encode(x), ref.encode(x).latent_dist.mode())

@@ -162,19 +162,22 @@ def read_vae_config(root: str) -> dict:
     return cfg
 
 
-def load_vae(root: str, device, dtype: torch.dtype, attention: str = "sdpa", ops=None):
-    """``sd3_pipeline/vae/`` -> :class:`~uniar_backend.decoder.vae.VAEDecoder` (its decoding half, built from
-    ``ops``) on ``device``; the encoder's tensors are not read."""
-    from .vae import VAEDecoder
+def load_vae(root: str, device, dtype: torch.dtype, attention: str = "sdpa", ops=None, part: str = "decoder"):
+    """``sd3_pipeline/vae/`` -> one half of the VAE, built from ``ops``, on ``device``: ``part="decoder"``
+    (:class:`~uniar_backend.decoder.vae.VAEDecoder`, what decoding needs) or ``"encoder"``
+    (:class:`~uniar_backend.decoder.vae.VAEEncoder`, for a host's VAE Encode); the other half's tensors are not
+    read."""
+    from .vae import VAEDecoder, VAEEncoder
 
+    cls = {"decoder": VAEDecoder, "encoder": VAEEncoder}[part]
     cfg = read_vae_config(root)
     folder = os.path.join(root, VAE_DIR)
     try:
-        vae, layout = build_on_meta(lambda o: VAEDecoder(cfg, o), ops)
+        vae, layout = build_on_meta(lambda o: cls(cfg, o), ops)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder}/config.json: cannot build the VAE ({e})") from None
-    load_module_weights(vae, WeightFiles(folder, "diffusion_pytorch_model"), lambda k: k, dtype, device, what="VAE",
-                        layout=layout)
+    load_module_weights(vae, WeightFiles(folder, "diffusion_pytorch_model"), lambda k: k, dtype, device,
+                        what=f"VAE {part}", layout=layout)
     vae.set_attention(attention)
     vae.eval().requires_grad_(False)
     return vae
