@@ -344,6 +344,11 @@ def test_latent_of_the_wrong_size(server, latent):
 # ------------------------------------------------------------------------------------------------ dynamic VRAM
 def test_native_route_with_dynamic_vram_layers(dynamic_vram_server):
     srv = dynamic_vram_server
-    imgs = images(srv, run_ok(srv, native_graph("uniar-tiny-bsq64", 96, 64, [(1.5, 1.5)], steps=4)))
+    g = native_graph("uniar-tiny-bsq64", 96, 64, [(1.5, 1.5)], steps=4)
+    g["e"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["d0", 0], "vae": ["3", 1]}}
+    g["ev"] = {"class_type": "VAEDecode", "inputs": {"samples": ["e", 0], "vae": ["3", 1]}}
+    g["es"] = {"class_type": "SaveImage", "inputs": {"images": ["ev", 0], "filename_prefix": "uniar/roundtrip"}}
+    imgs = images(srv, run_ok(srv, g))
     assert int(abs(imgs["sd0"][0] - imgs["sn0"][0]).max()) <= 1
+    assert imgs["es"][0].shape == imgs["sd0"][0].shape
     assert "into lazily created layers" in srv.log_text(), "the layers were not lazy: the simulation had no effect"
