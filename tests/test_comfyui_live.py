@@ -162,6 +162,11 @@ def test_api_workflow_runs(server, name, ckpt):
                     r = src["inputs"]["upsampling_ratio"]
                     assert (w, h) == (round(gen["inputs"]["width"] * r), round(gen["inputs"]["height"] * r))
                 assert w % 16 == 0 and h % 16 == 0
+            if src["class_type"] == "VAEDecode":  # the native route: the latent's size x 8
+                lat = wf[wf[src["inputs"]["samples"][0]]["inputs"]["latent_image"][0]]
+                gen = wf[lat["inputs"]["tokens"][0]]["inputs"]
+                r = lat["inputs"]["upsampling_ratio"]
+                assert (w, h) == (round(gen["width"] * r), round(gen["height"] * r))
         elif ct == "UniARCaption":
             got = [it for n, it in texts if n == nid]
             assert got and got[0].strip(), f"{name}: caption {nid} is empty"
