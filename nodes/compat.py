@@ -25,3 +25,11 @@ def advanced(input_cls, *args, **kwargs):
     if _accepts(input_cls.__init__, "advanced"):
         kwargs["advanced"] = True
     return input_cls(*args, **kwargs)
+
+
+def upsampling_ratio_input():
+    """The ``upsampling_ratio`` input of the nodes that size a decode (UniAR Decode, UniAR Empty Latent)."""
+    return io.Float.Input("upsampling_ratio", default=1.0, min=1.0, max=2.0, step=0.25,
+                          tooltip=("Output size = token image size x this ratio, 1..2 (e.g. 512x512 tokens at "
+                                   "2.0 give a 1024x1024 image, through the decoder's super-resolution path); "
+                                   "both output sides must come out as multiples of 16."))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..uniar_backend.limits import MAX_SEED
-from .compat import UniARModel, UniARTokens, advanced
+from .compat import UniARModel, UniARTokens, advanced, upsampling_ratio_input
 
 
 class UniARDecode(io.ComfyNode):
@@ -25,10 +25,7 @@ class UniARDecode(io.ComfyNode):
                              tooltip="Denoising steps of the decoder (28 is the reference setting)."),
                 io.Float.Input("guidance", default=1.5, min=0.0, max=20.0, step=0.1, round=0.01,
                                tooltip="Decoder guidance scale on the token condition (1.5 is the reference)."),
-                io.Float.Input("upsampling_ratio", default=1.0, min=1.0, max=2.0, step=0.25,
-                               tooltip=("Output size = token image size x this ratio, 1..2 (e.g. 512x512 tokens at "
-                                        "2.0 give a 1024x1024 image, through the decoder's super-resolution path); "
-                                        "both output sides must come out as multiples of 16.")),
+                upsampling_ratio_input(),
                 io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Seed of the decoder's starting noise. Same seed and tokens, same image."),
                 advanced(io.String.Input, "decoder_prompt", multiline=True, default="", optional=True,

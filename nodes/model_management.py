@@ -318,20 +318,16 @@ def native_decoder(handle: UniARHandle):
     dt = getattr(torch, dtype)
     backend = resolve_attention(handle.attention, dev, dt)
     sched_cfg = C.check_parts(root)  # cheap checks of every part before anything heavy
-    vae_cfg = C.read_vae_config(root)
     fingerprint = C.read_bsq_fingerprint(root)
     off = offload_device()
     dit = C.load_transformer(root, off, dt, backend, weights=handle.weights, compute_device=dev, ops=comfy_ops())
     vae = C.load_vae(root, off, dt, backend, ops=comfy_ops())
     encoder = C.load_vae(root, off, dt, backend, ops=comfy_ops(), part="encoder")
-    if vae.config.latent_channels != dit.config.in_channels:
-        raise RuntimeError(f"{root}: VAE latent channels {vae.config.latent_channels} != DiT in_channels "
-                           f"{dit.config.in_channels}")
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    config = UniARModelConfig(sched_cfg, vae_cfg, scale)
-    model = UniARDiTModel(config, dit, dt, fingerprint, handle.name, sched_cfg, device=off)
+    scale = C.latent_scale(root, dit, vae)
+    config = UniARModelConfig(sched_cfg, vae, scale)
+    model = UniARDiTModel(config, dit, dt, fingerprint, handle.name, device=off)
     patcher = patcher_class()(model, load_device=dev, offload_device=off)
-    return patcher, UniARVAE(vae, encoder, vae.config.latent_channels, scale, patcher_class())
+    return patcher, UniARVAE(vae, encoder, scale, patcher_class())
 
 
 def conditioner(handle: UniARHandle):

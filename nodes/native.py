@@ -11,11 +11,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..uniar_backend.limits import MAX_SEED
-from .compat import UniARModel, UniARTokens, advanced
-
-RATIO_TIP = ("Output size = token image size x this ratio, 1..2 (the decoder's super-resolution path); both "
-             "sides must come out as multiples of 16. Use the same ratio as UniAR Decode to compare the routes.")
-
+from .compat import UniARModel, UniARTokens, advanced, upsampling_ratio_input
 
 class UniARDecoderLoader(io.ComfyNode):
     @classmethod
@@ -103,8 +99,7 @@ class UniAREmptyLatent(io.ComfyNode):
                          "token image; non-square included)."),
             inputs=[
                 UniARTokens.Input("tokens", tooltip="The tokens to decode (their image size sets the latent size)."),
-                io.Float.Input("upsampling_ratio", default=1.0, min=1.0, max=2.0, step=0.25, round=0.01,
-                               tooltip=RATIO_TIP),
+                upsampling_ratio_input(),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="Zeros, [batch, 16, height/8, width/8].")],
         )

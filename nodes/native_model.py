@@ -28,7 +28,7 @@ import comfy.model_management as mm
 import comfy.sd
 import comfy.supported_models_base
 
-from ..uniar_backend.decoder.conditioning import PIXELS_PER_PATCH, check_output_size
+from ..uniar_backend.decoder.conditioning import PIXELS_PER_PATCH, check_output_size, max_output_side
 from ..uniar_backend.errors import InputError
 
 log = logging.getLogger("UniAR")
@@ -61,12 +61,13 @@ class UniARModelConfig(comfy.supported_models_base.BASE):
     memory_usage_factor = 1.6  # as ComfyUI's SD3.5 (same MMDiT)
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 
-    def __init__(self, scheduler_config: dict, vae_config: dict, vae_scale: int):
+    def __init__(self, scheduler_config: dict, vae, vae_scale: int):
         super().__init__({"disable_unet_model_creation": True})
+        self.scheduler_config = dict(scheduler_config)
         self.sampling_settings = {"shift": float(scheduler_config.get("shift", 1.0)),
                                   "multiplier": float(scheduler_config.get("num_train_timesteps", 1000))}
-        self.latent_format = UniARLatentFormat(vae_config["scaling_factor"], vae_config.get("shift_factor") or 0.0,
-                                               vae_config.get("latent_channels", 16), vae_scale)
+        c = vae.config  # the backend VAE's config: scaling, shift, latent channels
+        self.latent_format = UniARLatentFormat(c.scaling_factor, c.shift_factor or 0.0, c.latent_channels, vae_scale)
 
 
 class _ComfyDiT(torch.nn.Module):
@@ -104,12 +105,12 @@ class UniARDiTModel(comfy.model_base.BaseModel):
     """The UniAR DiT as a ComfyUI model (shown by this name in ComfyUI's model-management log)."""
 
     def __init__(self, model_config: UniARModelConfig, dit, dtype: torch.dtype, fingerprint: str, name: str,
-                 scheduler_config: dict, device=None):
+                 device=None):
         super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device)
         self.diffusion_model = _ComfyDiT(dit, dtype)
         self.uniar_fingerprint = fingerprint
         self.uniar_name = name
-        self.uniar_scheduler_config = dict(scheduler_config)
+        self.uniar_scheduler_config = model_config.scheduler_config  # what UniAR Reference Sigmas reads
         self.vae_scale = model_config.latent_format.spacial_downscale_ratio
         archive = getattr(mm, "archive_model_dtypes", None)
         if archive is not None:  # what ComfyUI records of the models it builds (dynamic VRAM restores these)
@@ -165,9 +166,8 @@ class UniARDiTModel(comfy.model_base.BaseModel):
         if siglip.shape[0] not in (1, noise.shape[0]):
             raise InputError(f"the tokens hold {siglip.shape[0]} images but the latent has batch {noise.shape[0]}: "
                              "use 'UniAR Empty Latent' with the same tokens")
-        max_side = dit.config.pos_embed_max_size * dit.config.patch_size * self.vae_scale
         try:
-            check_output_size(ar, out, dit.super_resolution, max_side)
+            check_output_size(ar, out, dit.super_resolution, max_output_side(dit, self.vae_scale))
         except InputError as e:
             raise InputError(f"the latent does not fit the tokens: {e}. Make it with 'UniAR Empty Latent' from the "
                              "same tokens (its upsampling_ratio sets the size)") from None
@@ -201,7 +201,7 @@ class UniARVAE(comfy.sd.VAE):
     """A core ``VAE`` whose model is the backend's VAE (the checkpoint's SD3 VAE config, whatever its size).  The attributes ComfyUI's VAE methods read come from this release's own ``VAE.__init__`` (called with no
     weights: it sets its defaults and stops), then the decoder, devices and patcher are set as it would set them."""
 
-    def __init__(self, vae, encoder, latent_channels: int, downscale: int, patcher_cls):
+    def __init__(self, vae, encoder, downscale: int, patcher_cls):
         flt = _DropNoWeightsWarning()
         root = logging.getLogger()
         root.addFilter(flt)
@@ -209,7 +209,7 @@ class UniARVAE(comfy.sd.VAE):
             super().__init__(sd={})
         finally:
             root.removeFilter(flt)
-        self.latent_channels = int(latent_channels)
+        self.latent_channels = int(vae.config.latent_channels)
         self.downscale_ratio = self.upscale_ratio = int(downscale)
         self.first_stage_model = UniARVAEModel(vae, encoder).eval()
         self.device = mm.vae_device()

@@ -200,6 +200,31 @@ class ComfyServer:
         return os.path.join(self.base, item.get("type", "output"), item.get("subfolder", ""), item["filename"])
 
 
+def live_server(comfy_path: str, python: str, extra_custom_nodes=(), extra_args=()):
+    """A started :class:`ComfyServer` for a pytest fixture (``yield from``): fails clearly for a path that is no
+    ComfyUI tree, cleans up after; ``UNIAR_SHOW_COMFY_LOG=1`` prints the log when it holds a traceback."""
+    import pytest
+
+    if not os.path.isfile(os.path.join(comfy_path, "main.py")):
+        pytest.fail(f"COMFYUI_PATH={comfy_path} is not a ComfyUI source tree (no main.py)")
+    srv = ComfyServer(comfy_path, python, extra_custom_nodes=extra_custom_nodes, extra_args=extra_args)
+    try:
+        srv.start(timeout=240)
+        yield srv
+    finally:
+        log = srv.log_text()
+        srv.cleanup()
+        if "Traceback" in log and os.environ.get("UNIAR_SHOW_COMFY_LOG"):
+            print(log)
+
+
+def skip_without_dynamic_vram(comfy_path: str) -> None:
+    import pytest
+
+    if not os.path.isfile(os.path.join(comfy_path, "comfy", "memory_management.py")):
+        pytest.skip("this ComfyUI release has no dynamic VRAM (comfy/memory_management.py appeared in 0.28)")
+
+
 def load_api_workflow(name: str) -> dict:
     with open(os.path.join(API_DIR, name if name.endswith(".json") else name + ".json"), encoding="utf-8") as f:
         return json.load(f)

@@ -28,7 +28,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from comfyui_server import (API_DIR, FIXTURE_CKPTS, INPUT_IMAGE_NAME, PACK_DIR_NAME, ROOT,  # noqa: E402
-                            SIM_DYNAMIC_VRAM, ComfyServer, execution_error, load_api_workflow)
+                            SIM_DYNAMIC_VRAM, execution_error, live_server, load_api_workflow,
+                            skip_without_dynamic_vram)
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
@@ -44,31 +45,16 @@ NODE_IDS = ["UniARModelLoader", "UniARDownloadModel", "UniAREncodeImage", "UniAR
 WORKFLOWS = sorted(f[:-5] for f in os.listdir(API_DIR) if f.endswith(".json"))
 
 
-def _server(extra_custom_nodes=()):
-    if not os.path.isfile(os.path.join(COMFYUI_PATH, "main.py")):
-        pytest.fail(f"COMFYUI_PATH={COMFYUI_PATH} is not a ComfyUI source tree (no main.py)")
-    srv = ComfyServer(COMFYUI_PATH, COMFYUI_PYTHON, extra_custom_nodes=extra_custom_nodes)
-    try:
-        srv.start(timeout=240)
-        yield srv
-    finally:
-        log = srv.log_text()
-        srv.cleanup()
-        if "Traceback" in log and os.environ.get("UNIAR_SHOW_COMFY_LOG"):
-            print(log)
-
-
 @pytest.fixture(scope="module")
 def server():
-    yield from _server()
+    yield from live_server(COMFYUI_PATH, COMFYUI_PYTHON)
 
 
 @pytest.fixture(scope="module")
 def dynamic_vram_server():
     """ComfyUI with comfy.ops layers built as under dynamic VRAM (weights created lazily on load), on the CPU."""
-    if not os.path.isfile(os.path.join(COMFYUI_PATH, "comfy", "memory_management.py")):
-        pytest.skip("this ComfyUI release has no dynamic VRAM (comfy/memory_management.py appeared in 0.28)")
-    yield from _server([SIM_DYNAMIC_VRAM])
+    skip_without_dynamic_vram(COMFYUI_PATH)
+    yield from live_server(COMFYUI_PATH, COMFYUI_PYTHON, [SIM_DYNAMIC_VRAM])
 
 
 def with_ckpt(wf: dict, ckpt: str) -> dict:

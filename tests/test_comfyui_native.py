@@ -22,7 +22,8 @@ import uuid
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from comfyui_server import FIXTURE_CKPTS, SIM_DYNAMIC_VRAM, ComfyServer, execution_error  # noqa: E402
+from comfyui_server import (FIXTURE_CKPTS, SIM_DYNAMIC_VRAM, execution_error, live_server,  # noqa: E402
+                            skip_without_dynamic_vram)
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
@@ -36,13 +37,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def _server(extra_nodes=()):
-    srv = ComfyServer(COMFYUI_PATH, COMFYUI_PYTHON, extra_custom_nodes=[HELPER_NODES, *extra_nodes],
-                      extra_args=["--preview-method", "latent2rgb"])
-    try:
-        srv.start(timeout=240)
-        yield srv
-    finally:
-        srv.cleanup()
+    yield from live_server(COMFYUI_PATH, COMFYUI_PYTHON, [HELPER_NODES, *extra_nodes],
+                           ["--preview-method", "latent2rgb"])
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +48,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def dynamic_vram_server():
-    if not os.path.isfile(os.path.join(COMFYUI_PATH, "comfy", "memory_management.py")):
-        pytest.skip("this ComfyUI release has no dynamic VRAM (comfy/memory_management.py appeared in 0.28)")
+    skip_without_dynamic_vram(COMFYUI_PATH)
     yield from _server([SIM_DYNAMIC_VRAM])
 
 
@@ -124,6 +119,12 @@ def images(server, entry) -> dict:
     return out
 
 
+def sd3_text(width: int, pooled: int) -> dict:
+    """A plain SD3-shaped CONDITIONING (the test helper node), as CLIPTextEncodeSD3 makes one."""
+    return {"class_type": "UniARTestSD3Conditioning",
+            "inputs": {"length": 20, "width": width, "pooled": pooled, "value": 0.3}}
+
+
 def run_ok(server, graph, timeout=600) -> dict:
     entry = server.run(graph, timeout=timeout)
     assert entry.get("status", {}).get("status_str") == "success", f"{execution_error(entry)}\n{server.log_tail()}"
@@ -190,8 +191,7 @@ def test_batch_of_tokens(server):
 def test_sd3_text_conditioning_can_be_wired_in(server):
     """Any SD3 conditioning of the DiT's widths replaces the cached decoder prompt (both halves)."""
     g = native_graph("uniar-tiny", 64, 64, [(1.0, 1.5)], steps=3)
-    g["c"] = {"class_type": "UniARTestSD3Conditioning", "inputs": {"length": 20, "width": 48, "pooled": 40,
-                                                                   "value": 0.3}}
+    g["c"] = sd3_text(48, 40)
     g["4"]["inputs"]["conditioning"] = ["c", 0]
     imgs = images(server, run_ok(server, g))
     assert imgs["sn0"][0].shape == (64, 64, 3)
@@ -312,8 +312,7 @@ def test_conditioning_and_model_of_different_checkpoints(server):
 
 def test_conditioning_without_uniar_features(server):
     g = native_graph("uniar-tiny", 64, 64, [(1.0, 1.5)], steps=2)
-    g["c"] = {"class_type": "UniARTestSD3Conditioning", "inputs": {"length": 20, "width": 48, "pooled": 40,
-                                                                   "value": 0.3}}
+    g["c"] = sd3_text(48, 40)
     g["g0"]["inputs"]["positive"] = ["c", 0]
     err = one_error(server, g)
     assert err["node_type"] == "SamplerCustomAdvanced", err
@@ -323,8 +322,7 @@ def test_conditioning_without_uniar_features(server):
 
 def test_text_conditioning_of_the_wrong_width(server):
     g = native_graph("uniar-tiny", 64, 64, [(1.0, 1.5)], steps=2)
-    g["c"] = {"class_type": "UniARTestSD3Conditioning", "inputs": {"length": 20, "width": 4096, "pooled": 2048,
-                                                                   "value": 0.3}}
+    g["c"] = sd3_text(4096, 2048)
     g["4"]["inputs"]["conditioning"] = ["c", 0]
     err = one_error(server, g)
     assert "(4096, 2048)" in err["exception_message"] and "(48, 40)" in err["exception_message"], err

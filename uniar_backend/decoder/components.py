@@ -183,6 +183,14 @@ def load_vae(root: str, device, dtype: torch.dtype, attention: str = "sdpa", ops
     return vae
 
 
+def latent_scale(root: str, transformer, vae) -> int:
+    """Pixels per latent cell of a (DiT, VAE) pair, after checking that the VAE's latents are the DiT's."""
+    if vae.config.latent_channels != transformer.config.in_channels:
+        raise CheckpointError(f"{root}: VAE latent channels {vae.config.latent_channels} != DiT in_channels "
+                              f"{transformer.config.in_channels}")
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 # ---------------------------------------------------------------------------------------------- all parts
 def check_parts(root: str) -> dict:
     """Cheap pre-flight check of every decoder part: configs parsed, safetensors headers read and their data

@@ -140,10 +140,16 @@ def output_ratio(ar_size: tuple[int, int], out_size: tuple[int, int]) -> float |
     return None
 
 
+def max_output_side(dit, vae_scale: int) -> int:
+    """The largest output side (pixels) the DiT's position table covers."""
+    return dit.config.pos_embed_max_size * dit.config.patch_size * vae_scale
+
+
 def check_output_size(ar_size: tuple[int, int], out_size: tuple[int, int], super_resolution: bool,
                       max_side: int) -> float:
     """Raise :class:`InputError` unless the decoder can turn tokens of an ``ar_size`` image into ``out_size``
-    pixels (a ratio in 1..2, multiples of 16, within the DiT's position table).  -> the ratio."""
+    pixels (a ratio in 1..2, multiples of 16, within the DiT's position table; the error says which ratio or
+    token size would fit).  -> the ratio."""
     (ah, aw), (h, w) = ar_size, out_size
     r = output_ratio(ar_size, out_size)
     if r is None or h % PIXELS_PER_PATCH or w % PIXELS_PER_PATCH:
@@ -152,7 +158,13 @@ def check_output_size(ar_size: tuple[int, int], out_size: tuple[int, int], super
     if not super_resolution and (h, w) != (ah, aw):
         raise InputError("this checkpoint's DiT has super_resolution off: only upsampling_ratio 1 works")
     if max(h, w) > max_side:
-        raise InputError(f"output {w}x{h} exceeds the DiT's position table ({max_side} pixels per side)")
+        side = max(ah, aw)
+        if side > max_side:  # too large at any ratio: the tokens themselves must be smaller
+            fix = f"the tokens alone are {aw}x{ah}: generate or encode at most {max_side} pixels per side"
+        else:
+            best = int(max_side / side * 4) / 4  # the ratio input moves in steps of 0.25
+            fix = f"use upsampling_ratio {best:g} or less for these {aw}x{ah} tokens"
+        raise InputError(f"output {w}x{h} exceeds the DiT's position table ({max_side} pixels per side); {fix}")
     return r
 
 

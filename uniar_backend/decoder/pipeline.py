@@ -22,8 +22,9 @@ import torch
 from ..errors import CheckpointError, InputError
 from ..limits import check_seed
 from ..tokens import VisualTokens
-from .conditioning import (check_steps, check_tokens, make_scheduler, reference_noise, target_size,
-                           token_features, token_grid)
+from .components import latent_scale
+from .conditioning import (check_output_size, check_steps, check_tokens, make_scheduler, max_output_side,
+                           reference_noise, target_size, token_features, token_grid)
 from .prompt import DEFAULT_DECODER_PROMPT, PromptEmbeddings, check_prompt, prompt_embeddings
 
 Callback = Callable[[int, int], None]
@@ -68,11 +69,8 @@ class UniARDecoder:
                 f"{root}: sd3_transformer expects {transformer.siglip_channels} feature channels but bsq_encoder "
                 f"gives {self.levels} levels x {bcfg.hidden_size}; the two folders do not belong together"
             )
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale = latent_scale(root, transformer, vae)
         self.latent_channels = tcfg.in_channels
-        if vae.config.latent_channels != tcfg.in_channels:
-            raise CheckpointError(f"{root}: VAE latent channels {vae.config.latent_channels} != DiT in_channels "
-                                  f"{tcfg.in_channels}")
 
     def __repr__(self):
         return f"UniARDecoder({self.root!r}, device={self.device}, dtype={self.dtype})"
@@ -119,20 +117,8 @@ class UniARDecoder:
         check_tokens(tokens, self.bsq_dim, self.levels, self.merge_unit, self.fingerprint)
         check_decode_args(steps, guidance, seed)
         h, w = target_size(tokens.ar_height, tokens.ar_width, upsampling_ratio)
-        tcfg = self.transformer.config
-        if not self.transformer.super_resolution and (h, w) != (tokens.ar_height, tokens.ar_width):
-            raise InputError("this checkpoint's DiT has super_resolution off: only upsampling_ratio 1 works")
-        grid_max = tcfg.pos_embed_max_size * tcfg.patch_size * self.vae_scale
-        if max(h, w) > grid_max:
-            side = max(tokens.ar_height, tokens.ar_width)
-            if side > grid_max:  # too large at any ratio: the tokens themselves must be smaller
-                fix = (f"the tokens alone are {tokens.ar_width}x{tokens.ar_height}: generate or encode at most "
-                       f"{grid_max} pixels per side")
-            else:
-                best = int(grid_max / side * 4) / 4  # the ratio input moves in steps of 0.25
-                fix = f"use upsampling_ratio {best:g} or less for these {tokens.ar_width}x{tokens.ar_height} tokens"
-            raise InputError(f"output {w}x{h} exceeds the DiT's position table ({grid_max} pixels per side); "
-                             f"{fix}")
+        check_output_size((tokens.ar_height, tokens.ar_width), (h, w), self.transformer.super_resolution,
+                          max_output_side(self.transformer, self.vae_scale))
         return h, w
 
     # ------------------------------------------------------------------ pieces

@@ -86,18 +86,27 @@ class _Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class _UpBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, layers: int, groups: int, upsample: bool, ops):
+class _Block(nn.Module):
+    """``DownEncoderBlock2D`` / ``UpDecoderBlock2D``: ``layers`` resnets, then the optional resampler, kept under
+    diffusers' name (``downsamplers`` / ``upsamplers``) so the checkpoint's keys load as they are."""
+
+    resampler = ""
+
+    def __init__(self, cin: int, cout: int, layers: int, groups: int, resample: bool, ops):
         super().__init__()
         self.resnets = nn.ModuleList(_Resnet(cin if i == 0 else cout, cout, groups, ops) for i in range(layers))
-        self.upsamplers = nn.ModuleList([_Upsample(cout, ops)]) if upsample else None
+        setattr(self, self.resampler, nn.ModuleList([self.make_resampler(cout, ops)]) if resample else None)
 
     def forward(self, x):
         for r in self.resnets:
             x = r(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+        resampler = getattr(self, self.resampler)
+        return resampler[0](x) if resampler is not None else x
+
+
+class _UpBlock(_Block):
+    resampler = "upsamplers"
+    make_resampler = staticmethod(lambda ch, ops: _Upsample(ch, ops))
 
 
 class _Downsample(nn.Module):
@@ -111,18 +120,9 @@ class _Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
 
 
-class _DownBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, layers: int, groups: int, downsample: bool, ops):
-        super().__init__()
-        self.resnets = nn.ModuleList(_Resnet(cin if i == 0 else cout, cout, groups, ops) for i in range(layers))
-        self.downsamplers = nn.ModuleList([_Downsample(cout, ops)]) if downsample else None
-
-    def forward(self, x):
-        for r in self.resnets:
-            x = r(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        return x
+class _DownBlock(_Block):
+    resampler = "downsamplers"
+    make_resampler = staticmethod(lambda ch, ops: _Downsample(ch, ops))
 
 
 class _Encoder(nn.Module):
