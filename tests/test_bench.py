@@ -36,10 +36,11 @@ def test_bench_json_schema_tiny():
     assert summary["steps"] == 8
     assert isinstance(summary["ratio"], (int, float)) and summary["ratio"] > 0
     assert summary["tokens_identical"] is True
+    assert summary["cpu_warm"] == "auto"
 
 
 def test_bench_text_output_two_repeats():
-    out = _run("--tiny", "--steps", "6", "--repeats", "2")
+    out = _run("--tiny", "--steps", "6", "--repeats", "2", "--cpu-warm", "on")
     assert "ratio reference/fast" in out and "tokens identical: True" in out
     assert out.count("fast      repeat") == 2 and out.count("reference repeat") == 2
 

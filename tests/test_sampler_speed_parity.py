@@ -162,6 +162,80 @@ def test_forced_thread_counts_same_tokens():
         sample(m, p, 1.5, 1.0, 3, "fast", nonsense=1)
 
 
+def test_cache_warming_changes_nothing_but_time(monkeypatch):
+    """CPU cache warming (read each small weight right before its product) forced on, off, or chosen by timing the
+    first steps: the same logits, bitwise, and the same tokens; while on, the covered weights are read first."""
+    m = _tiny(seed=12)
+    p = make_prefix(m, 3, 4, prompt_len=8, uncond_len=5)  # 12 steps: the 'auto' trial (steps 1..8) and after
+    reads = []
+    amax = torch.Tensor.amax
+    monkeypatch.setattr(torch.Tensor, "amax", lambda t, *a, **k: (reads.append(t.shape), amax(t, *a, **k))[1])
+    runs = {}
+    for opt in (False, True, "auto"):
+        reads.clear()
+        lo = []
+        runs[opt] = (sample(m, p, 1.5, 1.0, 4, "fast", logits_out=lo, cpu_warm=opt), lo, len(reads))
+    (b0, l0, n0), (b1, l1, n1), (b2, l2, _) = runs[False], runs[True], runs["auto"]
+    assert torch.equal(b0, b1) and torch.equal(b0, b2)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(l0, l1, l2))
+    assert n0 == 0 and n1 > 0
+    assert torch.Size([m.cfg.text.intermediate_size, m.cfg.text.hidden_size]) in reads  # an MLP weight (gate / up)
+    with pytest.raises(Exception, match="cpu_warm must be"):
+        sample(m, p, 1.5, 1.0, 4, "fast", cpu_warm="sometimes")
+
+
+def test_cache_warming_policy(monkeypatch):
+    """'auto' times steps 1..8 alternately without / with warming (step 0 untimed) and keeps the faster by median;
+    only CPU loops and weights up to CPU_WARM_MAX_BYTES warm."""
+    from uniar_backend import runtime
+
+    now = [0.0]
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: now[0])
+
+    def run(cost_off, cost_on, steps=12):
+        w = runtime.WeightWarming(torch.device("cpu"), "auto")
+        seen = []
+        for _ in range(steps):
+            w.begin()
+            seen.append(w.on)
+            now[0] += cost_on if w.on else cost_off
+            w.end()
+        return w, seen
+
+    w, seen = run(2.0, 1.0)
+    assert seen[1:9] == [False, True] * 4 and seen[9:] == [True] * 3
+    assert len(w.times[0]) == len(w.times[1]) == 4
+    w, seen = run(1.0, 2.0)
+    assert seen[9:] == [False] * 3 and not w.on
+    assert not runtime.WeightWarming(torch.device("cuda"), "auto").covers(torch.zeros(4))
+    assert not runtime.WeightWarming(torch.device("cpu"), False).covers(torch.zeros(4))
+    on = runtime.WeightWarming(torch.device("cpu"), True)
+    assert on.on and on.covers(torch.zeros(4))
+    assert not on.covers(torch.zeros(runtime.CPU_WARM_MAX_BYTES // 4 + 1))
+
+
+def test_text_loop_cache_warming_same_tokens_and_scores():
+    from uniar_backend.sampling import generate_text
+    from uniar_backend.sampling.text import pick_greedy
+
+    cfg = synthetic.make_config(hidden=64, layers=3, stack_depth=2, heads=4, kv_heads=2, head_dim=16,
+                                intermediate=96, vocab=704, bsq_dim=16)
+    m = synthetic.random_model(cfg, ("llm", "lm_head"), "cpu", torch.float32, seed=13)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 600, (1, 12), generator=g)
+    pos = torch.arange(12).view(1, 1, -1).expand(3, 1, -1)
+    outs = []
+    with torch.inference_mode():
+        embeds = m.language_model.embed_tokens(ids)
+        for opt in (False, True, "auto"):
+            scores = []
+            toks = generate_text(m, embeds, pos, 12, 14, set(), pick_greedy, None, scores=scores, cpu_warm=opt)
+            outs.append((toks, scores))
+    assert len(outs[0][0]) == 14
+    assert all(o[0] == outs[0][0] for o in outs)
+    assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(outs[0][1], o[1]))
+
+
 def test_static_step_matches_eager_on_cpu():
     """The CUDA-graph step's static formulation (attention over the whole zeroed cache under a mask, write
     position as a tensor) computed eagerly on the CPU gives the same logits as the eager step."""

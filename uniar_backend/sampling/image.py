@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .. import bsq
 from ..modeling.layers import additive_mask
 from ..modeling.text import ConcatCache, KVCache, run_layers
+from ..runtime import WeightWarming
 
 
 @dataclass
@@ -115,6 +116,10 @@ class _Common:
 #
 # ``cpu_threads``: intra-op threads of the CPU decode loop (the policy: :func:`uniar_backend.runtime.loop_threads`:
 # "auto", a count, or None to keep the caller's setting); the previous setting is restored after the loop.
+#
+# ``cpu_warm``: read each small weight through the cache right before its product in the CPU loop (the policy:
+# :class:`uniar_backend.runtime.WeightWarming`: "auto" times the first steps both ways and keeps the faster, True,
+# False); the products are unchanged, so the tokens are too.
 STACK_MIN_ROWS = int(os.environ.get("UNIAR_STACK_MIN_ROWS", "4"))
 
 
@@ -130,19 +135,28 @@ def _casts(mod) -> bool:
                 or getattr(mod, "bias_function", None))
 
 
-def linear_call(mod):
+def linear_call(mod, warm=None):
     """The fastest exact call of a Linear layer, chosen by what the layer offers, not by its exact class: a layer
     whose weights are resident (plain ``nn.Linear``, ComfyUI's ``disable_weight_init`` / ``manual_cast`` layers when
     not casting) is ``F.linear(x, w, b)`` -- what its forward computes, without the module call; a layer that casts or
     streams its weights goes through its own cast path (``forward_comfy_cast_weights``: ComfyUI's transfer, LoRA
     and quantised weights, without the module call).  A layer class may also offer its own call
-    (``uniar_linear()``: the quantised layers of :mod:`uniar_backend.quant`).  Anything else: the layer itself."""
+    (``uniar_linear()``: the quantised layers of :mod:`uniar_backend.quant`).  Anything else: the layer itself.
+
+    ``warm``: the loop's :class:`uniar_backend.runtime.WeightWarming`; a resident weight it covers is read through
+    the cache (``amax``, result unused) right before the product while ``warm.on`` (the product is unchanged)."""
     own = getattr(mod, "uniar_linear", None)
     if callable(own):
         return own()
     if isinstance(mod, torch.nn.Linear) and (type(mod) is torch.nn.Linear or hasattr(mod, "comfy_cast_weights")):
         if not _casts(mod):
             w, b = mod.weight, mod.bias
+            if warm is not None and warm.covers(w):
+                def warmed(x):
+                    if warm.on:
+                        w.amax()
+                    return F.linear(x, w, b)
+                return warmed
             return lambda x: F.linear(x, w, b)
         fast = getattr(mod, "forward_comfy_cast_weights", None)
         if callable(fast):
@@ -163,7 +177,7 @@ def layer_norm_call(mod):
     return mod
 
 
-def _linear_fn(mod, min_rows: int = 0):
+def _linear_fn(mod, min_rows: int = 0, warm=None):
     """:func:`linear_call`, optionally with padded rows.
 
     ``min_rows``: pad the rows of a single-position step with zero rows up to this count.  BLAS picks its
@@ -172,7 +186,7 @@ def _linear_fn(mod, min_rows: int = 0):
     stack's step to the matrix-matrix kernel keeps its results closer to the reference's (bitwise for most
     rows on x86 MKL), which makes token flips between the modes rarer.  Rows are independent, so padding
     changes nothing else."""
-    f = linear_call(mod)
+    f = linear_call(mod, warm)
     if min_rows > 1:
         def padded(x):
             r = x.shape[0]
@@ -207,7 +221,7 @@ def _rms_fn(norm, rows: int | None = None, second=None):
 class _Layer:
     """One text decoder layer prepared for single-position steps (the module's weights, referenced)."""
 
-    def __init__(self, layer, min_rows: int = 0):
+    def __init__(self, layer, min_rows: int = 0, warm=None):
         a, mlp = layer.self_attn, layer.mlp
         self.h, self.hkv, self.d = a.num_heads, a.num_kv, a.head_dim
         self.scale = a.scale
@@ -219,9 +233,10 @@ class _Layer:
         else:
             qn, kn, h = _rms_fn(a.q_norm), _rms_fn(a.k_norm), self.h
             self.qk_norm = lambda x: torch.cat([qn(x[:, :h]), kn(x[:, h:])], dim=1)
-        self.q, self.k, self.v, self.o = (_linear_fn(m, min_rows) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
-        self.gate, self.up, self.down = (_linear_fn(m, min_rows) for m in (mlp.gate_proj, mlp.up_proj,
-                                                                           mlp.down_proj))
+        self.q, self.k, self.v, self.o = (_linear_fn(m, min_rows, warm)
+                                          for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
+        self.gate, self.up, self.down = (_linear_fn(m, min_rows, warm) for m in (mlp.gate_proj, mlp.up_proj,
+                                                                                 mlp.down_proj))
 
 
 class _Weight:
@@ -246,8 +261,8 @@ class _Steps:
     path): the query heads of each KV head are passed as positions of one head instead (same maths, other
     rounding)."""
 
-    def __init__(self, layers, cache, min_rows: int = 0, grouped: bool = False):
-        self.layers = [_Layer(l, min_rows) for l in layers]
+    def __init__(self, layers, cache, min_rows: int = 0, grouped: bool = False, warm=None):
+        self.layers = [_Layer(l, min_rows, warm) for l in layers]
         self.cache = cache
         self.grouped = grouped
 
@@ -285,14 +300,14 @@ class _Steps:
         return x
 
 
-def _head_fn(head):
+def _head_fn(head, warm=None):
     """``VistokHead.forward`` (``output_layer_vistok``, all three variants) as lean calls."""
     if head.variant == "linear":
-        return linear_call(head.seq)
-    norm, fc = _rms_fn(head.seq[0]), linear_call(head.seq[1])
+        return linear_call(head.seq, warm)
+    norm, fc = _rms_fn(head.seq[0]), linear_call(head.seq[1], warm)
     if head.variant == "layernorm":
         return lambda x: fc(norm(x))
-    out = linear_call(head.seq[3])
+    out = linear_call(head.seq[3], warm)
     return lambda x: out(F.gelu(fc(norm(x)), approximate="tanh"))
 
 
@@ -301,22 +316,22 @@ class _Features:
     with its layers called through :func:`linear_call` / :func:`layer_norm_call` (same kernels and order, bitwise
     equal; the per-call module overhead is a large share of this small computation), whatever the layer class."""
 
-    def __init__(self, visual):
+    def __init__(self, visual, warm=None):
         from ..modeling.vision import _level_name
 
         self.visual = visual
         cfg = visual.cfg
         self.cfg = cfg
-        self.levels = [self._mlp_fn(getattr(visual, _level_name("output", lv))) for lv in range(cfg.levels)]
-        self.merger = self._mlp_fn(visual.merger)
-        self.deep = [self._mlp_fn(m) for m in visual.deepstack_merger_list]
+        self.levels = [self._mlp_fn(getattr(visual, _level_name("output", lv)), warm) for lv in range(cfg.levels)]
+        self.merger = self._mlp_fn(visual.merger, warm)
+        self.deep = [self._mlp_fn(m, warm) for m in visual.deepstack_merger_list]
         self.merger_norm = layer_norm_call(visual.merger.norm)
         self.code_dtype = getattr(visual, _level_name("output", 0)).linear_fc1.weight.dtype
 
     @staticmethod
-    def _mlp_fn(m):
+    def _mlp_fn(m, warm=None):
         """``ProjMLP.forward`` as three lean calls."""
-        norm, fc1, fc2 = layer_norm_call(m.norm), linear_call(m.linear_fc1), linear_call(m.linear_fc2)
+        norm, fc1, fc2 = layer_norm_call(m.norm), linear_call(m.linear_fc1, warm), linear_call(m.linear_fc2, warm)
         width, in_dim = m.norm.normalized_shape[0], m.in_dim
         return lambda x: fc2(F.gelu(fc1(norm(x.reshape(-1, width)).reshape(-1, in_dim))))
 
@@ -370,7 +385,7 @@ class _Sampler:
 
 
 def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=None, logits_out=None, preview=None,
-                cuda_graph: bool | None = None, cpu_threads="auto"):
+                cuda_graph: bool | None = None, cpu_threads="auto", cpu_warm="auto"):
     c = _Common(model, prefix, cfg, temperature, generator, callback, logits_out, preview)
     R, L, _ = prefix.embeds.shape
     N = prefix.num_tokens
@@ -406,11 +421,12 @@ def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=Non
     cos_all, sin_all = model.rope(positions[:, :, L:], dt)  # (R, N, D)
     sin_all = _signed_sin(sin_all)
     gpu = dev.type == "cuda"
-    llm = _Steps(c.lm.layers, llm_cache, grouped=gpu)
-    stack = _Steps(c.stack, stack_cache, STACK_MIN_ROWS if dev.type == "cpu" else 0, grouped=gpu)
+    warm = WeightWarming(dev, cpu_warm)
+    llm = _Steps(c.lm.layers, llm_cache, grouped=gpu, warm=warm)
+    stack = _Steps(c.stack, stack_cache, STACK_MIN_ROWS if dev.type == "cpu" else 0, grouped=gpu, warm=warm)
     sampler = _Sampler(R, c.shape, cfg, c.use_cfg, temperature, generator, dev, logits.dtype)
-    features = _Features(c.visual)
-    head = _head_fn(c.head)
+    features = _Features(c.visual, warm)
+    head = _head_fn(c.head, warm)
 
     def network(bits, cos_i, sin_i, pos, mask, static_mode=False):
         main, deep = features(bits)
@@ -434,8 +450,10 @@ def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=Non
                 if graph is not None:
                     logits = graph(bits, i)
                 else:
+                    warm.begin()
                     logits = network(bits, cos_all[:, i : i + 1], sin_all[:, i : i + 1], L + i,
                                      key_mask[:, :, :, : L + i + 1])
+                    warm.end()
                 if logits_out is not None:
                     logits_out.append(logits.detach().float().cpu())
             c.step_done(i, N, lambda: out[:, : i + 1])

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ..modeling.text import KVCache, run_layers
+from ..runtime import WeightWarming
 from .image import _rms_fn, _signed_sin, _Steps, linear_call
 
 
@@ -37,10 +38,12 @@ def pick_sampling(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
 
 def generate_text(model, embeds, positions, next_pos: int, max_new_tokens: int, eos: set[int], pick: Callable,
                   generator, pick_options: dict | None = None, deepstack=None, visual_mask=None,
-                  callback: Callable[[int], None] | None = None, scores: list | None = None) -> list[int]:
+                  callback: Callable[[int], None] | None = None, scores: list | None = None,
+                  cpu_warm="auto") -> list[int]:
     """Token ids answering the prompt ``embeds`` (1, L, D) at mRoPE ``positions`` (3, 1, L), up to
     ``max_new_tokens`` or an ``eos`` token.  ``pick(logits, generator, **pick_options)`` chooses each token;
-    ``callback(k)`` after token k (1-based); ``scores`` collects the logits of every step (parity tests)."""
+    ``callback(k)`` after token k (1-based); ``scores`` collects the logits of every step (parity tests);
+    ``cpu_warm``: the CPU cache-warming policy of the steps (:class:`uniar_backend.runtime.WeightWarming`)."""
     lm = model.language_model
     mc = model.cfg
     dev, dt = embeds.device, embeds.dtype
@@ -55,8 +58,9 @@ def generate_text(model, embeds, positions, next_pos: int, max_new_tokens: int, 
         scores.append(logits.float().cpu())
     # the decode steps: the image sampler's lean single-position layer step (bitwise equal to the module path in
     # float32), the final norm and the text head as lean calls too
-    steps = _Steps(lm.layers, cache)
-    norm, head = _rms_fn(lm.norm), linear_call(model.lm_head)
+    warm = WeightWarming(dev, cpu_warm)
+    steps = _Steps(lm.layers, cache, warm=warm)
+    norm, head = _rms_fn(lm.norm), linear_call(model.lm_head, warm)
     # rotary tables of every answer position at once (elementwise: bitwise equal to per-step tables)
     p_all = torch.arange(next_pos, next_pos + max_new_tokens, device=dev).view(1, 1, -1).expand(3, 1, -1)
     cos_all, sin_all = model.rope(p_all, dt)
@@ -70,8 +74,10 @@ def generate_text(model, embeds, positions, next_pos: int, max_new_tokens: int, 
             callback(k + 1)
         if t in eos or k + 1 == max_new_tokens:
             break
+        warm.begin()
         h = steps.step(lm.embed_tokens(nxt.view(1, 1)), cos_all[:, k : k + 1], sin_all[:, k : k + 1], L + k, None)
         logits = head(norm(h[:, -1]))
+        warm.end()
         if scores is not None:
             scores.append(logits.float().cpu())
     return out

@@ -35,6 +35,9 @@ from ..sampling import MODES, Prefix, sample
 from . import synthetic
 
 
+WARM_SETTINGS = {"auto": "auto", "on": True, "off": False}
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def grid_for(n: int) -> tuple[int, int]:
     """The most square (rows, cols) with rows * cols = n, rows <= cols."""
@@ -175,8 +178,9 @@ def run_ab(args) -> dict:
               f"image {rows}x{cols} tokens = {rows * 32}x{cols * 32} px, N = {args.steps} steps, CFG rows 2")
     # warm-up (allocator, kernels, first-call costs) on a short image, both modes
     warm = make_prefix(model, *grid_for(min(args.steps, 16)), seed=args.seed)
+    opts = {m: ({"cpu_warm": WARM_SETTINGS[args.cpu_warm]} if m == "fast" else {}) for m in MODES}
     for mode in MODES:
-        timed_run(model, warm, mode, seed=args.seed)
+        timed_run(model, warm, mode, seed=args.seed, **opts[mode])
 
     runs = {m: [] for m in MODES}
     ref_bits = None
@@ -184,7 +188,7 @@ def run_ab(args) -> dict:
     for r in range(args.repeats):
         order = MODES if r % 2 == 0 else MODES[::-1]
         for mode in order:
-            bits, marks, total, peak = timed_run(model, prefix, mode, seed=args.seed)
+            bits, marks, total, peak = timed_run(model, prefix, mode, seed=args.seed, **opts[mode])
             if ref_bits is None:
                 ref_bits = bits
             elif not torch.equal(bits, ref_bits):
@@ -207,7 +211,7 @@ def run_ab(args) -> dict:
                "median_ms_per_step_last32": {m: round(v, 4) for m, v in last.items()},
                "fast_last32_over_first32": round(last["fast"] / first["fast"], 3),
                "repeats": args.repeats, "threads": torch.get_num_threads(), "device": str(dev),
-               "machine": machine()}
+               "cpu_warm": args.cpu_warm, "machine": machine()}
     text = (f"summary N={args.steps}: median s/image fast {med['fast']:.2f}, reference {med['reference']:.2f}; "
             f"ratio reference/fast {summary['ratio']:.2f}x; fast last32/first32 "
             f"{summary['fast_last32_over_first32']:.2f}; reference last32/first32 "
@@ -514,6 +518,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for both modes (default 1: the fast path runs its CPU loop on one "
                         "thread anyway, so both modes get the same resources; 0 = torch's default)")
+    p.add_argument("--cpu-warm", choices=tuple(WARM_SETTINGS), default="auto",
+                   help="the fast sampler's CPU cache warming (uniar_backend.runtime.WeightWarming): auto (default, "
+                        "chosen by timing its first steps), on or off; tokens are the same either way")
     p.add_argument("--device", default=None, help="default: cpu (cuda for --real-size)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--real-size", action="store_true", help="GPU benchmark at the real UniAR sizes, bf16")
