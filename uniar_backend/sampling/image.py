@@ -391,6 +391,7 @@ def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=Non
     N = prefix.num_tokens
     tc = model.cfg.text
     dev, dt = c.device, c.dtype
+    warm = WeightWarming(dev, cpu_warm)  # checks the option before any work
     total = L + N
     # a CUDA graph replays fixed device work: not for layers that fetch / cast their weights per call
     cuda_graph = _cuda_graph_default() if cuda_graph is None else bool(cuda_graph)
@@ -421,7 +422,6 @@ def sample_fast(model, prefix: Prefix, cfg, temperature, generator, callback=Non
     cos_all, sin_all = model.rope(positions[:, :, L:], dt)  # (R, N, D)
     sin_all = _signed_sin(sin_all)
     gpu = dev.type == "cuda"
-    warm = WeightWarming(dev, cpu_warm)
     llm = _Steps(c.lm.layers, llm_cache, grouped=gpu, warm=warm)
     stack = _Steps(c.stack, stack_cache, STACK_MIN_ROWS if dev.type == "cpu" else 0, grouped=gpu, warm=warm)
     sampler = _Sampler(R, c.shape, cfg, c.use_cfg, temperature, generator, dev, logits.dtype)

@@ -47,6 +47,7 @@ def generate_text(model, embeds, positions, next_pos: int, max_new_tokens: int, 
     lm = model.language_model
     mc = model.cfg
     dev, dt = embeds.device, embeds.dtype
+    warm = WeightWarming(dev, cpu_warm)  # checks the option before any work
     L = embeds.shape[1]
     cache = KVCache(mc.text.num_hidden_layers, 1, mc.text.num_key_value_heads, mc.text.head_dim,
                     L + max_new_tokens, dev, dt)
@@ -58,7 +59,6 @@ def generate_text(model, embeds, positions, next_pos: int, max_new_tokens: int, 
         scores.append(logits.float().cpu())
     # the decode steps: the image sampler's lean single-position layer step (bitwise equal to the module path in
     # float32), the final norm and the text head as lean calls too
-    warm = WeightWarming(dev, cpu_warm)
     steps = _Steps(lm.layers, cache, warm=warm)
     norm, head = _rms_fn(lm.norm), linear_call(model.lm_head, warm)
     # rotary tables of every answer position at once (elementwise: bitwise equal to per-step tables)
