@@ -148,3 +148,51 @@ def test_chat_template_json_layout(tmp_path):
     m = ck.load_ar(components=("llm", "lm_head", "vision"), device="cpu", dtype="float32")
     assert api.UniAR(ck, m).caption("What is in this image?", image=load_image(TEST_IMAGE), max_new_tokens=16) == \
         [" wasscri wind systemDeDeDeDeDeDeDeDeDeDeDeDe"]
+
+
+def test_backend_import_graph_has_no_cycle_and_no_comfyui():
+    """The library's layering (README, Architecture): ``uniar_backend`` never imports ComfyUI or the pack's nodes
+    (except the benchmark tool, whose ``--ops comfy`` measures ComfyUI's layers on request), and its modules import
+    each other without a cycle (imports inside functions included)."""
+    import ast
+    import os
+
+    base = os.path.join(ROOT, "uniar_backend")
+    paths = {}
+    for d, _, files in os.walk(base):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(d, f), ROOT)[:-3].replace(os.sep, ".")
+                paths[rel[: -len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(d, f)
+    graph = {m: set() for m in paths}
+    for m, p in paths.items():
+        package = m if p.endswith("__init__.py") else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(open(p).read())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    mod = ".".join(parts[: len(parts) - node.level + 1] + ([mod] if mod else []))
+                names = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in paths else mod for a in node.names]
+            for n in names:
+                assert m.startswith("uniar_backend.tools.") or n.split(".")[0] not in ("comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes"), \
+                    f"{m} imports {n}"
+                if n in paths and n != m and not m.startswith(n + "."):  # a submodule may import its package
+                    graph[m].add(n)
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            assert state.get(n) != "open", "import cycle: " + " -> ".join(path + [n])
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert len(graph) > 30 and graph["uniar_backend.sampling.text"] >= {"uniar_backend.runtime"}
