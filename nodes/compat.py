@@ -9,6 +9,7 @@ from comfy_api.latest import io
 # the two socket types of the pack
 UniARModel = io.Custom("UNIAR_MODEL")
 UniARTokens = io.Custom("UNIAR_TOKENS")
+TOKENS_IN_TIP = "UniAR visual tokens (from Generate, Encode Image or Load Tokens)."  # a tokens input's tooltip
 
 
 def _accepts(fn, name: str) -> bool:

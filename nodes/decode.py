@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..uniar_backend.limits import MAX_SEED
-from .compat import UniARModel, UniARTokens, advanced, upsampling_ratio_input
+from .compat import TOKENS_IN_TIP, UniARModel, UniARTokens, advanced, upsampling_ratio_input
 
 
 class UniARDecode(io.ComfyNode):
@@ -20,7 +20,7 @@ class UniARDecode(io.ComfyNode):
                          "language model."),
             inputs=[
                 UniARModel.Input("model", tooltip="The UniAR model (its image decoder is used)."),
-                UniARTokens.Input("tokens", tooltip="Visual tokens from UniAR Generate, Encode Image or Load Tokens."),
+                UniARTokens.Input("tokens", tooltip=TOKENS_IN_TIP),
                 io.Int.Input("steps", default=28, min=1, max=200,
                              tooltip="Denoising steps of the decoder (28 is the reference setting)."),
                 io.Float.Input("guidance", default=1.5, min=0.0, max=20.0, step=0.1, round=0.01,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..uniar_backend.limits import MAX_SEED
-from .compat import UniARModel, UniARTokens, advanced, upsampling_ratio_input
+from .compat import TOKENS_IN_TIP, UniARModel, UniARTokens, advanced, upsampling_ratio_input
 
 class UniARDecoderLoader(io.ComfyNode):
     @classmethod
@@ -52,7 +52,7 @@ class UniARTokensToConditioning(io.ComfyNode):
                          "the checkpoint's cached decoder prompt, or with the SD3 text conditioning you connect."),
             inputs=[
                 UniARModel.Input("model", tooltip="The UniAR model the tokens belong to (its token encoder is used)."),
-                UniARTokens.Input("tokens", tooltip="Visual tokens from UniAR Generate, Encode Image or Load Tokens."),
+                UniARTokens.Input("tokens", tooltip=TOKENS_IN_TIP),
                 io.Conditioning.Input("conditioning", optional=True,
                                       tooltip=("Optional SD3 text conditioning (e.g. CLIPTextEncodeSD3 with SD3.5's "
                                                "text encoders) for both halves; empty: the checkpoint's decoder "

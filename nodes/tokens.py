@@ -8,9 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from . import bit_preview, token_files
-from .compat import UniARTokens
-
-TOKENS_IN_TIP = "UniAR visual tokens (from Generate, Encode Image or Load Tokens)."
+from .compat import TOKENS_IN_TIP, UniARTokens
 
 
 class UniARSaveTokens(io.ComfyNode):
