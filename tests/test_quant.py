@@ -146,6 +146,43 @@ def test_round_trip_generate_caption_decode(converted, name, fmt):
     assert im.shape == (1, 64, 64, 3) and torch.equal(im, im2)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stored_folder_loads_part_by_part(converted, fmt, tmp_path):
+    """Every part of a stored folder loads on its own, as a node that is the first to load it does (Caption,
+    Encode Image: the vision tower without the image head whose visual_decoder is quantised), through the CLI's
+    caption and tokenize too; a mixed folder is still refused where the load reads it."""
+    from conftest import run_cli
+    from uniar_backend.decoder.components import load_transformer
+    from uniar_backend.loader import Checkpoint
+
+    d = converted["uniar-tiny", fmt]
+    ck = Checkpoint(d)
+    for parts in (("vision",), ("llm", "vision", "lm_head"), ("llm", "lm_head"), ("llm", "gen_head")):
+        m = ck.load_ar(parts, device="cpu", dtype="float32")
+        assert m.weight_format == fmt and set(m.components) == set(parts)
+    assert load_transformer(d, "cpu", torch.float32).weight_format == fmt
+    run_cli("tokenize", "--model", d, "--image", TEST_IMAGE, "--device", "cpu", "--out", tmp_path / "t.safetensors")
+    r = run_cli("caption", "--model", d, "--image", TEST_IMAGE, "--question", "What is this?", "--device", "cpu",
+                "--max-new-tokens", "4")
+    assert r.stdout.strip()
+    r = run_cli("caption", "--model", d, "--tokens", tmp_path / "t.safetensors", "--question", "What?",
+                "--device", "cpu", "--max-new-tokens", "4")
+    assert r.stdout.strip()
+
+    # a stray marker inside a part that is loaded is still refused (the vision tower keeps float weights)
+    bad = _copy(converted, fmt, tmp_path)
+    layer = "model.visual.blocks.0.mlp.linear_fc1"
+
+    def mark(sd):
+        from uniar_backend.quant.formats import comfy_quant_tensor
+        assert layer + ".weight" in sd
+        sd[layer + ".comfy_quant"] = comfy_quant_tensor(get(fmt))
+    _edit(os.path.join(bad, "model.safetensors"), mark)
+    with pytest.raises(CheckpointError, match="mixes formats"):
+        Checkpoint(bad).load_ar(("vision",), device="cpu", dtype="float32")
+    Checkpoint(bad).load_ar(("llm", "lm_head"), device="cpu", dtype="float32")  # a part that does not read it
+
+
 @pytest.mark.parametrize("name", CKPTS)
 def test_logit_error_order_against_float(name):
     """Logits of one prefill: int8 and fp8 stay close to the float model, int4 further (the error-table claim)."""

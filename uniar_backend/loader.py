@@ -139,7 +139,7 @@ class Checkpoint:
 
         model, layout = build_on_meta(lambda o: UniARModel(cfg, components, ops=o, dtype=dt), ops,
                                       post=quantize if fmt is not None else None)
-        files = view(files, fmt, stored, quantized)
+        files = view(files, fmt, stored, quantized, loads={model.checkpoint_key(k) for k in layout})
         preloaded = dict(reuse.state_dict()) if reuse is not None else None
         load_module_weights(model, files, model.checkpoint_key, dt, dev, what="AR model", preloaded=preloaded,
                             layout=layout)

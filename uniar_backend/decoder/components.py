@@ -138,7 +138,7 @@ def load_transformer(root: str, device, dtype: torch.dtype, attention: str = "sd
                                        post=quantize if fmt is not None else None)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder}/config.json: cannot build the SD3 transformer ({e})") from None
-    load_module_weights(module, view(files, fmt, stored, quantized), lambda k: k, dtype, device,
+    load_module_weights(module, view(files, fmt, stored, quantized, loads=set(layout)), lambda k: k, dtype, device,
                         what="SD3 transformer", layout=layout)
     module.attention = attention
     module.eval().requires_grad_(False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checkpoint import in_loaded_parts, loaded_containers
 from ..errors import CheckpointError
 from . import CONFIG_KEY, FORMATS, check_requested
 from .formats import Format, comfy_quant_tensor, get, read_comfy_quant
@@ -61,13 +62,21 @@ class _View:
 
 class StoredView(_View):
     """A folder stored in ``fmt``: every target layer must carry the format's tensors and a ``comfy_quant`` of the
-    same format, and no other layer may be quantised (a mixed folder is refused)."""
+    same format, and no other layer of the parts being loaded may be quantised (a mixed folder is refused).
 
-    def __init__(self, files, fmt, targets):
+    ``loads`` (checkpoint keys of the module being loaded) limits the check to the parts asked for: the markers
+    of parts that are not loaded (the image head's ``visual_decoder`` when only the vision tower loads for a
+    caption) belong to targets of another load, exactly as :func:`~uniar_backend.checkpoint.unexpected_keys`
+    leaves their tensors alone.  None: every marker in the files is checked (the whole model is loaded)."""
+
+    def __init__(self, files, fmt, targets, loads=None):
         super().__init__(files, fmt, targets)
         want = fmt.comfy_quant()
         keys = set(files.keys())
         marks = sorted(k[: -len(".comfy_quant")] for k in keys if k.endswith(".comfy_quant"))
+        if loads is not None:
+            parts = loaded_containers(loads)
+            marks = [m for m in marks if in_loaded_parts(m + ".weight", parts)]
         wanted = set(self.targets)
         stray = [m for m in marks if m not in wanted]
         if stray:
@@ -163,10 +172,11 @@ def resolve(files, cfg: dict, cfg_path: str, weights: str | None) -> tuple[Forma
     return (get(name) if name else None), stored is not None
 
 
-def view(files, fmt: Format | None, stored: bool, targets: list[str]):
+def view(files, fmt: Format | None, stored: bool, targets: list[str], loads=None):
     """``files`` as the loader reads them for ``fmt`` (see :func:`resolve`): the quantised layers ``targets``
     (the names :func:`~uniar_backend.quant.layers.quantize_modules` replaced) checked as stored, or quantised as
-    they are read; ``files`` itself for float weights."""
+    they are read; ``files`` itself for float weights.  ``loads``: the checkpoint keys the module loads (its
+    parts), so a stored folder is checked only where this load reads it (see :class:`StoredView`)."""
     if fmt is None:
         return files
-    return StoredView(files, fmt, targets) if stored else ConvertingView(files, fmt, targets)
+    return StoredView(files, fmt, targets, loads) if stored else ConvertingView(files, fmt, targets)
