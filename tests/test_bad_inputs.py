@@ -188,3 +188,62 @@ def test_missing_component():
         api.UniAR(ck, m).generate(["x"], 32, 32)
     with pytest.raises(InputError, match="vision"):
         api.UniAR(ck, m).encode(load_image(TEST_IMAGE))
+
+
+# ---------------------------------------------------------------------------------------------- untrusted JSON
+DEEP = "[" * 100_000  # deep enough to exhaust the JSON parser's recursion
+
+
+def _safetensors_with_header(path, header: bytes):
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+def test_every_json_of_a_file_is_bounded_and_fails_cleanly(tmp_path):
+    """config.json, the shard index, chat_template.json, a safetensors header (a tokens file from ComfyUI's
+    input/), nested 100,000 deep, of the wrong type or oversized: one UniARError naming the file, never a raw
+    RecursionError / TypeError / AttributeError."""
+    from uniar_backend.errors import UniARError
+    from uniar_backend.jsonfile import MAX_JSON_FILE
+    from uniar_backend.tokens import VisualTokens
+
+    d = copy_ckpt(tmp_path)
+    cfg = (d / "config.json").read_text()
+    for bad, what in ((DEEP, "nested too deeply"), ("[1, 2]", "expected a JSON object"),
+                      (" " * (MAX_JSON_FILE + 1) + "{}", "more than"), (b"\xff\xfe{", "not valid JSON")):
+        (d / "config.json").write_bytes(bad if isinstance(bad, bytes) else bad.encode())
+        with pytest.raises(CheckpointError, match=what) as e:
+            Checkpoint(d)
+        assert "config.json" in str(e.value)
+    (d / "config.json").write_text(cfg)
+
+    index = d / "model.safetensors.index.json"
+    for bad, what in ((DEEP, "nested too deeply"), ("[1, 2]", "expected a JSON object"),
+                      ('{"weight_map": ["a"]}', "weight_map must map"), ('{"weight_map": {"a": 1}}', "weight_map")):
+        index.write_text(bad)
+        with pytest.raises(CheckpointError, match=what):
+            Checkpoint(d).weights
+    index.unlink()
+
+    from uniar_backend.prompting import _chat_template
+
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    (d / "chat_template.json").write_text(DEEP)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        _chat_template(Checkpoint(d))
+    (d / "chat_template.json").write_text('{"chat_template": ["x"]}')
+    with pytest.raises(CheckpointError, match="chat_template"):
+        _chat_template(Checkpoint(d))
+
+    tok = tmp_path / "deep.safetensors"
+    _safetensors_with_header(tok, DEEP.encode())
+    with pytest.raises(TokenError, match="nested too deeply"):
+        VisualTokens.load(tok)
+    _safetensors_with_header(tok, b'{"__metadata__": {"format": "uniar.visual_tokens", "version": "1", '
+                                  b'"ar_height": [1]}, "indices": {"dtype": "I64", "shape": [0], '
+                                  b'"data_offsets": [0, 0]}}')
+    with pytest.raises(UniARError):
+        VisualTokens.load(tok)
+    shard = d / "model.safetensors"
+    _safetensors_with_header(shard, b"[" * 50_000 + b"]" * 50_000)
+    with pytest.raises(CheckpointError, match="not a valid .safetensors file.*nested too deeply"):
+        Checkpoint(d).weights

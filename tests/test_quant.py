@@ -268,6 +268,41 @@ def test_missing_scale_wrong_packing_mixed_and_unknown_format_are_refused(conver
         UniAR.load(converted["uniar-tiny", "int8"], device="cpu", dtype="float32", weights="int4")
 
 
+def test_damaged_markers_and_non_finite_scales_are_refused(converted, tmp_path):
+    """A comfy_quant marker nested 100,000 deep, of the wrong shape or oversized: one CheckpointError before the
+    weights are read; NaN / inf in a scale (or zero point): refused at load, nothing half-loaded."""
+    from uniar_backend.loader import Checkpoint
+
+    layer = "model.language_model.layers.1.self_attn.q_proj"
+    for marker, what in ((torch.tensor(list(b"[" * 100_000), dtype=torch.uint8), "at most 4096 bytes"),
+                         (torch.tensor(list(b"[" * 4000), dtype=torch.uint8), "nested too deeply"),
+                         (torch.zeros(2, 8, dtype=torch.uint8), "1-D uint8"),
+                         (torch.zeros(8, dtype=torch.float32), "1-D uint8"),
+                         (torch.tensor(list(b"[[[]]]"), dtype=torch.uint8), "expected a JSON object")):
+        d = _copy(converted, "int8", tmp_path)
+        _edit(os.path.join(d, "model.safetensors"), lambda sd: sd.__setitem__(layer + ".comfy_quant", marker))
+        with pytest.raises(CheckpointError, match=what):
+            Checkpoint(d).load_ar(("llm", "lm_head"), device="cpu", dtype="float32")
+
+    for fmt in FORMATS:
+        scales = [n for n in get(fmt).layout(64, 64) if n != "weight"]
+        for name in scales:
+            for value in (float("nan"), float("inf")):
+                d = _copy(converted, fmt, tmp_path)
+
+                def spoil(sd):
+                    t = sd[f"{layer}.{name}"]
+                    if t.is_floating_point():
+                        t.view(-1)[0] = value
+                _edit(os.path.join(d, "model.safetensors"), spoil)
+                with safe_open(os.path.join(d, "model.safetensors"), "pt") as f:
+                    if not f.get_tensor(f"{layer}.{name}").is_floating_point():
+                        continue  # integer zero points are finite by construction
+                with pytest.raises(CheckpointError, match=f"'{layer}.{name}' holds 1 NaN or infinite"):
+                    UniAR.load(d, device="cpu", dtype="float32")
+                shutil.rmtree(d)
+
+
 def test_cli_quantize_and_weights_option(tmp_path):
     out = tmp_path / "q"
     env = dict(os.environ, PYTHONPATH=ROOT)

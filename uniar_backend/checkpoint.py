@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import torch
 
 from .errors import CheckpointError
+from .jsonfile import parse_json, read_json_file
 
 log = logging.getLogger("UniAR")
 
@@ -46,11 +47,13 @@ def read_header(path: str, fix: str = "re-download it") -> dict:
             n = int.from_bytes(raw, "little")
             if n <= 0 or n > min(size - 8, 100 * 1024 * 1024):
                 raise ValueError(f"header length {n} does not fit the file size {size}")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+            raw = f.read(n)
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a valid .safetensors file ({e}); {fix}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a valid .safetensors file (bad header); {fix}")
+    try:
+        header = parse_json(raw, "its header", max_bytes=n, want=dict)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: not a valid .safetensors file ({e}); {fix}") from None
     data_len = size - 8 - n
     covered = 0
     for key, info in header.items():
@@ -137,11 +140,7 @@ class WeightFiles:
         self.key_to_file: dict[str, str] = {}
         self.headers: dict[str, dict] = {}
         if os.path.isfile(index):
-            try:
-                with open(index, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            weight_map = read_json_file(index, "re-download it").get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
             files = sorted(set(weight_map.values()))
@@ -354,6 +353,11 @@ def load_module_weights(
         for ck in keys:
             t = tensors.pop(ck)
             mk = wanted[ck]
+            if getattr(state[mk], "uniar_finite", False) and t.is_floating_point() and not bool(t.isfinite().all()):
+                bad = int((~t.isfinite()).sum())
+                raise CheckpointError(f"{path}: tensor '{ck}' holds {bad} NaN or infinite value(s); a quantised "
+                                      "layer's scales must be finite (the file is damaged, or the float weights it was "
+                                      "converted from hold NaN / inf): convert the float checkpoint again")
             new_state[mk] = t.to(device=device, dtype=_target_dtype(state[mk], t, dtype))
         del tensors
     module.load_state_dict(new_state, strict=True, assign=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,16 +10,10 @@ from .errors import CheckpointError
 
 
 def read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"missing file: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    """A checkpoint's JSON object (bounded size, one clear error on any parse failure: :mod:`.jsonfile`)."""
+    from .jsonfile import read_json_file
+
+    return read_json_file(path)
 
 
 # Sizes beyond these are no UniAR (the real model: hidden 4096, 36 layers, vocab 151936): rejecting them keeps a

@@ -79,19 +79,18 @@ def chat_prompt(ckpt, question: str, image_tokens: int) -> str:
 def _chat_template(ckpt) -> str | None:
     """``chat_template.jinja`` (transformers >= 4.43 layout), else a processor ``chat_template.json``, else None
     (the tokenizer's own ``chat_template`` from tokenizer_config.json is then used)."""
-    import json
-
     path = ckpt.file("chat_template.jinja")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return f.read()
     path = ckpt.file("chat_template.json")
     if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)["chat_template"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: not a valid chat template file ({e})") from None
+        from .jsonfile import read_json_file
+
+        template = read_json_file(path, "re-download it").get("chat_template")
+        if not isinstance(template, str):
+            raise CheckpointError(f"{path}: not a valid chat template file (no 'chat_template' string)")
+        return template
     return None
 
 

@@ -192,7 +192,7 @@ class VisualTokens:
                              f"(need {VERSION})")
         try:
             fields = {k: int(meta[k]) for k in ("ar_height", "ar_width", "bsq_dim", "levels", "merge_unit")}
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             raise TokenError(f"{path}: missing or invalid metadata field ({str(e)[:80]})") from None
         info = header["indices"]
         shape = info["shape"]

@@ -9,7 +9,7 @@ import torch
 from ..checkpoint import in_loaded_parts, loaded_containers
 from ..errors import CheckpointError
 from . import CONFIG_KEY, FORMATS, check_requested
-from .formats import Format, comfy_quant_tensor, get, read_comfy_quant
+from .formats import Format, check_comfy_quant_layout, comfy_quant_tensor, get, read_comfy_quant
 
 QUANT_SUFFIXES = ("weight_scale", "weight_zeros", "comfy_quant", "scale_weight", "weight_scale_2", "input_scale")
 
@@ -96,6 +96,9 @@ class StoredView(_View):
         self.key_to_file = {k: v for k, v in files.key_to_file.items() if not k.endswith(".comfy_quant")}
 
     def _confs(self, marks):
+        for m in marks:  # from the header: a marker of the wrong shape or size is refused before it is read
+            shape, dtype = self.files.info(m + ".comfy_quant")
+            check_comfy_quant_layout(shape, dtype, f"{self.files.key_to_file[m + '.comfy_quant']}: {m}")
         tensors = self.files.read([m + ".comfy_quant" for m in marks])  # a few bytes each
         return [read_comfy_quant(tensors[m + ".comfy_quant"], f"{self.files.folder}: {m}") for m in marks]
 

@@ -171,11 +171,20 @@ def comfy_quant_tensor(fmt: Format) -> torch.Tensor:
     return torch.tensor(list(json.dumps(fmt.comfy_quant()).encode("utf-8")), dtype=torch.uint8)
 
 
+# ComfyUI's markers are a few dozen bytes ({"format": "int8_tensorwise"}); anything past this is no marker.
+MAX_COMFY_QUANT = 4096
+
+
+def check_comfy_quant_layout(shape, dtype, where: str) -> None:
+    """A ``comfy_quant`` marker is a short 1-D uint8 tensor (checked from the header, before it is read)."""
+    if dtype != torch.uint8 or len(shape) != 1 or not 0 < shape[0] <= MAX_COMFY_QUANT:
+        raise CheckpointError(f"{where}: comfy_quant is {dtype} {list(shape)}, not the 1-D uint8 JSON marker of at "
+                              f"most {MAX_COMFY_QUANT} bytes ComfyUI writes; the file is damaged")
+
+
 def read_comfy_quant(t: torch.Tensor, where: str) -> dict:
-    try:
-        conf = json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8"))
-        if not isinstance(conf, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{where}: comfy_quant is not valid JSON ({e}); the file is damaged") from None
-    return conf
+    from ..jsonfile import parse_json
+
+    check_comfy_quant_layout(tuple(t.shape), t.dtype, where)
+    return parse_json(t.numpy().tobytes(), f"{where}: comfy_quant", "the file is damaged",
+                      max_bytes=MAX_COMFY_QUANT, want=dict)

@@ -40,6 +40,7 @@ class QuantLinear(nn.Module):
         for name, (shape, dt) in layout.items():
             p = nn.Parameter(torch.empty(shape, dtype=dt, device=device), requires_grad=False)
             p.uniar_stored = True  # the loader keeps its dtype (uniar_backend.checkpoint)
+            p.uniar_finite = name != "weight"  # scales and zero points: the loader refuses NaN / inf in them
             self.register_parameter(name, p)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
