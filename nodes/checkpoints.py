@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from ..uniar_backend import limits
+from .token_files import plain_relative, safe_join
 
 HUB_REPOS = ("ShareLab-SII/UniAR-SFT", "ShareLab-SII/UniAR-RL")
 DTYPES = limits.DTYPE_CHOICES
@@ -52,10 +53,11 @@ def list_checkpoints(folders) -> list[str]:
 
 def find_checkpoint(name: str, folders) -> str | None:
     """Full path of the checkpoint folder ``name`` (as listed by :func:`list_checkpoints`), or None."""
-    if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+    parts = plain_relative(name)
+    if parts is None:
         return None
     for root in folders:
-        p = os.path.join(root, *name.split("/"))
+        p = os.path.join(root, *parts)
         if os.path.isdir(p) and _is_checkpoint_dir(p):
             return p
     return None
@@ -71,18 +73,21 @@ def hub_local_dir(repo_id: str, folders) -> str:
 def checkpoint_looks_complete(path: str) -> bool:
     """True when ``path`` holds a full UniAR checkpoint (config, every weight shard of the index, BSQ encoder,
     SD3 decoder parts), so the download node can skip the Hub (and works offline)."""
-    import json
+    from ..uniar_backend.errors import UniARError
+    from ..uniar_backend.jsonfile import read_json_file
 
     if not _is_checkpoint_dir(path):
         return False
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
-            with open(index, encoding="utf-8") as f:
-                shards = set(json.load(f).get("weight_map", {}).values())
-        except (OSError, ValueError):
+            weight_map = read_json_file(index).get("weight_map")
+        except UniARError:
+            return False  # damaged: not complete (the download fetches it again)
+        if not isinstance(weight_map, dict):
             return False
-        if not shards or not all(os.path.isfile(os.path.join(path, s)) for s in shards):
+        shards = [safe_join(path, s) for s in weight_map.values()]  # None: not a file name inside the folder
+        if not shards or not all(s is not None and os.path.isfile(s) for s in shards):
             return False
     elif not os.path.isfile(os.path.join(path, "model.safetensors")):
         return False

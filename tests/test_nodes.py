@@ -65,8 +65,12 @@ def test_list_and_find_checkpoints(tmp_path):
     assert checkpoints.find_checkpoint("UniAR-SFT", folders) == str(a / "UniAR-SFT")
     assert checkpoints.find_checkpoint("ShareLab-SII/UniAR-RL", folders) == str(b / "ShareLab-SII" / "UniAR-RL")
     assert checkpoints.find_checkpoint("tiny", folders).endswith("tiny")
-    for bad in ("", "../a/UniAR-SFT", "/etc", "nope", "not-a-checkpoint"):
+    for bad in ("", "../a/UniAR-SFT", "/etc", "nope", "not-a-checkpoint", "D:UniAR-SFT", "C:\\x", "\\\\srv\\s",
+                "a\\..\\..\\b", None, 3, ["UniAR-SFT"], "UniAR-SFT\0"):
         assert checkpoints.find_checkpoint(bad, folders) is None
+    os.makedirs(a / "D:UniAR-SFT")  # a POSIX folder whose name Windows would read as drive D: not looked up
+    _ckpt(a / "D:UniAR-SFT")
+    assert checkpoints.find_checkpoint("D:UniAR-SFT", folders) is None
 
 
 def test_checkpoint_completeness(tmp_path):
@@ -80,6 +84,11 @@ def test_checkpoint_completeness(tmp_path):
     assert not checkpoints.checkpoint_looks_complete(str(p))  # shard missing: a partial download
     (p / "model-1.safetensors").write_bytes(b"0")
     assert checkpoints.checkpoint_looks_complete(str(p))
+    # a damaged index is "not complete" (the download fetches it again), never an exception
+    for bad in ("[1,2]", '{"weight_map": ["a"]}', '{"weight_map": {"x": 1}}', '{"weight_map": {"x": "../x"}}',
+                '{"weight_map": {}}', "[" * 100_000, "{", '{"weight_map": {"x": "D:model-1.safetensors"}}'):
+        (p / "model.safetensors.index.json").write_text(bad)
+        assert not checkpoints.checkpoint_looks_complete(str(p)), bad
     assert checkpoints.hub_local_dir("ShareLab-SII/UniAR-RL", ["/m/uniar", "/x"]) == os.path.join("/m/uniar", "UniAR-RL")
 
 
@@ -156,6 +165,26 @@ def test_list_token_files_and_safe_join(tmp_path):
     assert token_files.safe_join(str(tmp_path), "sub/B.SAFETENSORS") == str(tmp_path / "sub" / "B.SAFETENSORS")
     assert token_files.safe_join(str(tmp_path), "../x.safetensors") is None
     assert token_files.safe_join(str(tmp_path), "/etc/passwd") is None
+    assert token_files.safe_join(str(tmp_path), "sub\\B.SAFETENSORS") == str(tmp_path / "sub" / "B.SAFETENSORS")
+    # Windows forms (drive-relative, absolute, UNC, streams) and non-strings from a workflow: refused, no exception
+    for bad in ("D:x.safetensors", "C:\\x.safetensors", "c:/x.safetensors", "\\\\srv\\share\\x.safetensors",
+                "a.safetensors:stream", "sub\\..\\..\\x", "", None, 5, ["a.safetensors"], {"a": 1},
+                "a\0.safetensors"):
+        assert token_files.safe_join(str(tmp_path), bad) is None, bad
+
+
+def test_token_file_listing_survives_link_loops(tmp_path):
+    """Links back into input/ (two of them, which made the walk grow without end) are entered once; the walk is
+    bounded whatever the folder holds."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "t.safetensors").write_bytes(b"x")
+    os.symlink(str(tmp_path), tmp_path / "loop1", target_is_directory=True)
+    os.symlink(str(tmp_path), tmp_path / "sub" / "loop2", target_is_directory=True)
+    os.symlink(str(tmp_path / "sub"), tmp_path / "again", target_is_directory=True)
+    assert token_files.list_token_files(str(tmp_path)) == ["sub/t.safetensors"]
+    for i in range(30):  # many folders: the walk stops at its bound
+        (tmp_path / "many" / f"d{i}").mkdir(parents=True)
+    assert len(list(token_files.walk_folders(str(tmp_path), max_folders=10))) == 10
 
 
 # ------------------------------------------------------------------------------------------------ preview
