@@ -8,6 +8,7 @@ import os
 from ..uniar_backend import limits
 from .token_files import plain_relative, safe_join
 
+PARTIAL = ".partial-"  # uniar_backend.quant.convert writes DST.partial-XXXX and renames it when complete
 HUB_REPOS = ("ShareLab-SII/UniAR-SFT", "ShareLab-SII/UniAR-RL")
 DTYPES = limits.DTYPE_CHOICES
 ATTENTIONS = limits.ATTENTION_CHOICES
@@ -32,7 +33,7 @@ def list_checkpoints(folders) -> list[str]:
         except OSError:
             continue
         for child in children:
-            if child.startswith("."):
+            if child.startswith(".") or PARTIAL in child:  # hidden, or a conversion still being written
                 continue
             p = os.path.join(root, child)
             if not os.path.isdir(p):

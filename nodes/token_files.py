@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from ..uniar_backend.fileio import walk_folders
+
 TOKEN_EXT = ".safetensors"
 
 
@@ -13,36 +15,12 @@ MAX_FOLDERS = 5000
 MAX_FILES = 10000
 
 
-def walk_folders(top: str, max_folders: int = MAX_FOLDERS):
-    """``os.walk(top, followlinks=True)`` (hidden folders skipped, sorted) that enters each real folder once: a
-    link back to a folder already seen (``input/a -> ..``) is not entered again (real folders are entered before
-    links), and at most ``max_folders``
-    folders are visited, so a link loop cannot keep it going."""
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        try:
-            st = os.stat(dirpath)
-        except OSError:
-            dirnames[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        # real folders before links, so a folder reached both ways is listed under its own name
-        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")),
-                             key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
-        yield dirpath, dirnames, filenames
-        if len(seen) >= max_folders:
-            return
-
-
 def list_token_files(input_dir: str) -> list[str]:
     """``.safetensors`` files in ComfyUI's input folder and its sub-folders (relative paths with ``/``)."""
     out = []
     if not os.path.isdir(input_dir):
         return out
-    for dirpath, _, filenames in walk_folders(input_dir):
+    for dirpath, _, filenames in walk_folders(input_dir, MAX_FOLDERS):
         for f in filenames:
             if f.lower().endswith(TOKEN_EXT) and not f.startswith("."):
                 rel = os.path.relpath(os.path.join(dirpath, f), input_dir).replace(os.sep, "/")

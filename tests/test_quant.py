@@ -417,3 +417,106 @@ def test_dit_position_table_compacted_bitwise():
         assert torch.equal(dit(lat, *args)[0], whole(lat, *args)[0])
     noisy = with_table(table + torch.randn(table.shape, generator=g) * 1e-3)
     assert noisy.compact_positions() is False and noisy.pos_embed.pos_embed is not None
+
+
+# ---------------------------------------------------------------------------------------------- converter paths
+def _linked_checkpoint(tmp_path):
+    """uniar-tiny with its decoder folders shared by links (as users share sd3_pipeline/ between SFT and RL), and a
+    link loop inside one of them."""
+    src = ckpt_path("uniar-tiny")
+    d = tmp_path / "linked"
+    d.mkdir()
+    for name in os.listdir(src):
+        p = os.path.join(src, name)
+        if os.path.isdir(p):
+            shared = tmp_path / "shared" / name
+            shutil.copytree(p, shared)
+            os.symlink(shared, d / name, target_is_directory=True)
+        else:
+            shutil.copy(p, d / name)
+    os.symlink(d, tmp_path / "shared" / "sd3_pipeline" / "loop", target_is_directory=True)
+    return src, d
+
+
+def test_converter_follows_linked_folders_and_checks_the_result(tmp_path):
+    src, d = _linked_checkpoint(tmp_path)
+    out = tmp_path / "q8"
+    convert(str(d), "int8", str(out))
+    for folder, _, names in os.walk(src):  # every file of the checkpoint is there
+        for n in names:
+            assert (out / os.path.relpath(os.path.join(folder, n), src)).is_file(), n
+    assert json.load(open(out / "sd3_transformer" / "config.json"))["uniar_quantization"]["format"] == "int8"
+    assert not (out / "sd3_pipeline" / "loop").exists()  # the loop back to the checkpoint is not copied
+    from uniar_backend.decoder import load_decoder
+    assert load_decoder(str(out), device="cpu", dtype="float32").transformer.weight_format == "int8"
+
+
+def test_converter_out_link_is_refused_before_work(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "empty", tmp_path / "nowhere"):
+        link = tmp_path / f"out-{target.name}"
+        os.symlink(target, link)
+        with pytest.raises(InputError, match="symbolic link"):
+            convert(ckpt_path("uniar-tiny"), "int8", str(link))
+    assert sorted(os.listdir(tmp_path)) == ["empty", "out-empty", "out-nowhere"]
+
+
+def _pack_checkpoints():
+    """nodes/checkpoints.py of the pack, imported inside the pack loaded by path (as tests/test_nodes.py does)."""
+    import importlib
+    import importlib.util
+
+    if "uniar_pack_pure" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("uniar_pack_pure", os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules["uniar_pack_pure"] = pack
+        spec.loader.exec_module(pack)
+    return importlib.import_module("uniar_pack_pure.nodes.checkpoints")
+
+
+SLOW_CONVERT = """
+import sys, time
+import uniar_backend.cli as cli
+import uniar_backend.quant.convert as c
+orig = c.write_safetensors_streaming
+def slow(*a, **k):
+    r = orig(*a, **k)
+    print("WROTE", flush=True)
+    time.sleep(120)
+    return r
+c.write_safetensors_streaming = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_interrupted_conversion_leaves_nothing_listed_and_reruns_clean(tmp_path, sig):
+    """SIGTERM: the partial folder is removed at once (exit 143).  SIGKILL: it stays, the loader does not list
+    it, and the next run for the same --out removes it and completes."""
+    import signal
+
+    list_checkpoints = _pack_checkpoints().list_checkpoints
+    models = tmp_path / "uniar"
+    models.mkdir()
+    out = models / "q8"
+    args = ["quantize", "--model", ckpt_path("uniar-tiny"), "--format", "int8", "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    assert p.stdout.readline().strip() == "WROTE"
+    partial = [n for n in os.listdir(models) if ".partial-" in n]
+    assert len(partial) == 1
+    shutil.copy(os.path.join(ckpt_path("uniar-tiny"), "config.json"), models / partial[0] / "config.json")
+    assert list_checkpoints([str(models)]) == []  # a conversion in progress is not offered
+    p.send_signal(getattr(signal, sig))
+    rc = p.wait(timeout=60)
+    if sig == "SIGTERM":
+        assert rc == 143 and "terminated" in p.stderr.read()
+        assert os.listdir(models) == []
+    else:
+        assert os.listdir(models) == partial
+    run = subprocess.run([sys.executable, "-m", "uniar_backend", *args], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert os.listdir(models) == ["q8"] and list_checkpoints([str(models)]) == ["q8"]

@@ -42,6 +42,31 @@ def _refuse_special(path: str) -> None:
         raise InputError(f"{path} is {what}; refusing to replace it")
 
 
+def walk_folders(top: str, max_folders: int | None = None, skip_hidden: bool = True):
+    """``os.walk(top, followlinks=True)`` (sorted; hidden folders skipped unless ``skip_hidden`` is False) that
+    enters each real folder once: a link back to a folder already seen (``input/a -> ..``) is not entered again
+    (real folders are entered before links), and at most ``max_folders`` folders are visited, so a link loop
+    cannot keep it going.  Used for ComfyUI's input folder and for the checkpoint the converter copies (whose
+    sub-folders users often share between checkpoints by links)."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        # real folders before links, so a folder reached both ways is listed under its own name
+        dirnames[:] = sorted((d for d in dirnames if not (skip_hidden and d.startswith("."))),
+                             key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
+        yield dirpath, dirnames, filenames
+        if max_folders is not None and len(seen) >= max_folders:
+            return
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, prefix: str = ".uniar_", suffix: str = ".tmp"):
     """Yield a temporary path next to ``path``; on success it becomes ``path``, on any error it is removed."""

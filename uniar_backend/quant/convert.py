@@ -3,11 +3,16 @@ folder in the same layout with the AR model's and the DiT's target Linears store
 
 * one tensor at a time: each output shard's header is computed from the source header first, then every tensor
   is read, quantised if it is a target and written, so host memory stays around one (float32 copy of a) tensor;
-* atomic: everything is written into ``DST.partial-*`` beside DST and renamed to DST at the end; an error or
-  Ctrl-C removes it; DST must not exist yet (or be an empty folder) and may not lie inside SRC (or SRC in DST);
-* the rest of the folder (tokenizer files, bsq_encoder/, the VAE, the schedule, ...) is copied as it is, and the
-  format is recorded in ``config.json`` / ``sd3_transformer/config.json`` (``uniar_quantization``) and in each
-  converted file's metadata.
+* atomic: everything is written into ``DST.partial-*`` beside DST and renamed to DST at the end, only after the
+  copy was checked complete (every file of SRC there, copies of their size, the weight files readable); an error,
+  Ctrl-C or SIGTERM (the CLI turns it into an exception) removes it, and the partial folders of a run that was
+  killed outright (SIGKILL, power loss: their process is gone) are removed by the next run for the same DST;
+  DST must not exist yet (or be an empty folder), must not be a symbolic link, and may not lie inside SRC (or
+  SRC in DST);
+* the rest of the folder (tokenizer files, bsq_encoder/, the VAE, the schedule, ...) is copied as it is, linked
+  sub-folders included (a ``sd3_pipeline/`` shared between SFT and RL by a link is followed, each real folder
+  once); hidden folders (download staging, caches) are left out.  The format is recorded in ``config.json`` /
+  ``sd3_transformer/config.json`` (``uniar_quantization``) and in each converted file's metadata.
 """
 
 from __future__ import annotations
@@ -47,7 +52,28 @@ def _dit_targets(root: str, fmt: Format) -> list[str]:
         return targets(UniARSD3Transformer.from_uniar_config(cfg), DIT_TARGETS, fmt)
 
 
+PARTIAL = ".partial-"  # DST.partial-XXXX: a conversion in progress (nodes/checkpoints.py does not list these)
+OWNER = ".uniar_partial_owner"  # inside it: "<pid> <host>" of the process writing it
+
+
+def _source_files(src: str) -> dict[str, str]:
+    """Relative path (``/``-separated) -> path of every file of the source checkpoint, linked folders followed
+    (each real folder once), hidden folders left out."""
+    from ..fileio import walk_folders
+
+    out = {}
+    for folder, _, names in walk_folders(src):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                out[os.path.relpath(path, src).replace(os.sep, "/")] = path
+    return out
+
+
 def _check_paths(src: str, dst: str) -> None:
+    if os.path.islink(dst):
+        raise InputError(f"--out {dst} is a symbolic link (to {os.readlink(dst)!r}); give the path of a new folder "
+                         "(the converter creates it and renames it into place when complete)")
     if os.path.exists(dst) and not (os.path.isdir(dst) and not os.listdir(dst)):
         raise InputError(f"--out {dst} already exists; give a new folder (the converter never overwrites a "
                          "checkpoint)")
@@ -55,6 +81,61 @@ def _check_paths(src: str, dst: str) -> None:
     if real_dst == real_src or os.path.commonpath([real_src, real_dst]) in (real_src, real_dst):
         raise InputError(f"--out {dst} lies inside --model {src} (or the other way round); write the converted "
                          "checkpoint to a folder of its own")
+
+
+def _partial_owner_alive(folder: str) -> bool:
+    """Whether the process that owns the partial ``folder`` still runs (True when unknown: never remove what a
+    live run, or a run on another machine sharing the disk, is writing)."""
+    import socket
+
+    try:
+        with open(os.path.join(folder, OWNER), encoding="utf-8") as f:
+            pid, host = f.read(200).split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return True
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_partials(dst: str) -> list[str]:
+    """Remove ``DST.partial-*`` folders left by a conversion to ``dst`` whose process is gone; -> their paths."""
+    parent, base = os.path.dirname(dst), os.path.basename(dst)
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        p = os.path.join(parent, name)
+        if name.startswith(base + PARTIAL) and os.path.isdir(p) and not os.path.islink(p) \
+                and not _partial_owner_alive(p):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _check_complete(tmp: str, files: dict[str, str], weight_files: set[str]) -> None:
+    """Before the rename: every source file is in ``tmp``, the copies of their size, the converted weight files
+    readable safetensors (their headers are checked against their sizes)."""
+    from ..checkpoint import read_header
+
+    for rel, path in files.items():
+        out = os.path.join(tmp, *rel.split("/"))
+        if not os.path.isfile(out):
+            raise CheckpointError(f"the converted checkpoint lacks {rel} (of {path}); nothing was written to --out")
+        if path in weight_files:
+            read_header(out, fix="the conversion failed; nothing was written to --out")
+        elif not rel.endswith(".safetensors.index.json") and rel not in ("config.json", "sd3_transformer/config.json") \
+                and os.path.getsize(out) != os.path.getsize(path):
+            raise CheckpointError(f"the copy of {path} is incomplete; nothing was written to --out")
 
 
 class _Plan:
@@ -93,17 +174,24 @@ def convert(src: str, fmt_name: str, dst: str, progress=None) -> dict:
     if os.path.isdir(dit):
         plans.append(_Plan(dit, "diffusion_pytorch_model", fmt, _dit_targets(src, fmt)))
     weight_files = {p for plan in plans for p in plan.files.headers}
+    files = _source_files(src)
+    files.update({os.path.relpath(p, src).replace(os.sep, "/"): p for p in weight_files})
     # refuse before writing anything: the disk must hold the copy (at most the source's size)
-    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs)
+    total = sum(os.path.getsize(p) for p in files.values())
     probe = os.path.dirname(dst)
     if os.path.isdir(probe) and shutil.disk_usage(probe).free < total + MARGIN:
         raise CheckpointError(f"not enough disk space in {probe}: the converted checkpoint needs up to "
                               f"{total / 1e9:.1f} GB (plus 1 GB to spare), {shutil.disk_usage(probe).free / 1e9:.1f} "
                               "GB are free")
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".partial-", dir=os.path.dirname(dst))
+    remove_stale_partials(dst)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + PARTIAL, dir=os.path.dirname(dst))
     done, layers = 0, 0
     try:
+        import socket
+
+        with open(os.path.join(tmp, OWNER), "w", encoding="utf-8") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
         for plan in plans:
             new_map = {}
             for path in sorted(plan.files.headers):
@@ -124,19 +212,18 @@ def convert(src: str, fmt_name: str, dst: str, progress=None) -> dict:
                     json.dump({"metadata": {"total_size": sizes, "uniar_quantization": fmt.name},
                                "weight_map": dict(sorted(new_map.items()))}, f, indent=2)
         configs = {os.path.join(src, "config.json"), os.path.join(dit, "config.json")}
-        for folder, dirs, names in os.walk(src):
-            dirs.sort()
-            for name in sorted(names):
-                path = os.path.join(folder, name)
-                out = os.path.join(tmp, os.path.relpath(path, src))
-                if path in weight_files or path.endswith(".safetensors.index.json") and os.path.exists(out):
-                    continue
-                os.makedirs(os.path.dirname(out), exist_ok=True)
-                if path in configs:
-                    with open(out, "w", encoding="utf-8") as f:
-                        json.dump(record(read_json(path), fmt), f, indent=2)
-                else:
-                    shutil.copy2(path, out)
+        for rel, path in sorted(files.items()):
+            out = os.path.join(tmp, *rel.split("/"))
+            if path in weight_files or path.endswith(".safetensors.index.json") and os.path.exists(out):
+                continue
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            if path in configs:
+                with open(out, "w", encoding="utf-8") as f:
+                    json.dump(record(read_json(path), fmt), f, indent=2)
+            else:
+                shutil.copy2(path, out)
+        _check_complete(tmp, files, weight_files)
+        os.unlink(os.path.join(tmp, OWNER))
         if os.path.isdir(dst):
             os.rmdir(dst)  # the empty folder the user made
         os.rename(tmp, dst)
@@ -144,4 +231,4 @@ def convert(src: str, fmt_name: str, dst: str, progress=None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"format": fmt.name, "layers": layers, "source_bytes": total,
-            "bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)}
+            "bytes": sum(os.path.getsize(p) for p in _source_files(dst).values())}
