@@ -68,3 +68,50 @@ def test_cli_error_is_one_line(tmp_path):
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "multiple of 32" in lines[0], p.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path):
+    """On a terminal (a pseudo-terminal here) the CLI draws tqdm bars with rate and ETA for the AR steps and the
+    conversion's bytes; piped, it prints no bar."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = dict(os.environ, PYTHONPATH=ROOT, COLUMNS="120")
+
+    def run(args, tty):
+        if tty:
+            master, slave = pty.openpty()
+            p = subprocess.Popen([sys.executable, "-m", "uniar_backend", *args], stdout=subprocess.PIPE,
+                                 stderr=slave, env=env, cwd=ROOT)
+            os.close(slave)
+            chunks = []
+            while True:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            p.wait(timeout=300)
+            os.close(master)
+            return p.returncode, b"".join(chunks).decode("utf-8", "replace")
+        r = subprocess.run([sys.executable, "-m", "uniar_backend", *args], capture_output=True, text=True, env=env,
+                           cwd=ROOT, timeout=300)
+        return r.returncode, r.stderr
+
+    gen = ["generate", "--model", ckpt_path("uniar-tiny"), "--prompt", "a", "--height", "64", "--width", "64",
+           "--device", "cpu", "--out", str(tmp_path / "t.safetensors")]
+    rc, err = run(gen, tty=True)
+    assert rc == 0, err
+    assert "generate: 100%" in err and "4/4" in err and ("token/s" in err or "s/token" in err), err
+    rc, err = run(["quantize", "--model", ckpt_path("uniar-tiny"), "--format", "int8", "--out",
+                   str(tmp_path / "q")], tty=True)
+    assert rc == 0, err
+    assert "quantize: 100%" in err and "B/s" in err, err
+    rc, err = run(gen, tty=False)
+    assert rc == 0 and "generate:" not in err and "%" not in err

@@ -117,9 +117,8 @@ def cmd_download(args):
             print(f"{f.size:>14,d}  {f.path}")
         print(f"{len(files)} files, {sum(f.size for f in files) / 1e9:.2f} GB")
         return 0
-    cb = terminal_progress("download")
     summary = download.download(args.repo, args.out, args.revision, verify=args.verify,
-                                progress=(lambda d, t: cb(d >> 20, t >> 20)) if cb else None)
+                                progress=terminal_progress("download", in_bytes=True))
     print(f"{args.out}: {summary['files']} files, {summary['bytes'] / 1e9:.2f} GB ({summary['fetched']} fetched, "
           f"{summary['skipped']} already there)")
     return 0
@@ -128,8 +127,7 @@ def cmd_download(args):
 def cmd_quantize(args):
     from .quant.convert import convert
 
-    cb = terminal_progress("quantize")
-    summary = convert(args.model, args.format, args.out, progress=(lambda d, t: cb(d >> 20, t >> 20)) if cb else None)
+    summary = convert(args.model, args.format, args.out, progress=terminal_progress("quantize", in_bytes=True))
     print(f"{args.out}: {summary['format']}, {summary['layers']} layers quantised, {summary['bytes'] / 1e9:.2f} GB "
           f"(from {summary['source_bytes'] / 1e9:.2f} GB)")
     return 0

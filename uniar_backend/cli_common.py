@@ -49,21 +49,41 @@ def run_generate(args, edit: bool = True, progress_label: str = "generate"):
     tokens_in = VisualTokens.load(edit_tokens) if edit_tokens else None
     components = ("llm", "gen_head") + (("vision",) if edit_images else ())
     ar = load_components(args, components)
-    progress = terminal_progress(progress_label)
+    progress = terminal_progress(progress_label, unit="token")
     return ar.generate([args.prompt] * args.batch_size, args.height, args.width, cfg=args.cfg,
                         temperature=args.temperature, seed=args.seed, edit_images=edit_images,
                         edit_tokens=tokens_in, mode=args.mode, callback=progress)
 
 
-def terminal_progress(label):
-    """A progress callback printing to a terminal's stderr (None when stderr is not a terminal)."""
+def terminal_progress(label, unit: str = "step", in_bytes: bool = False):
+    """A ``callback(done, total)`` drawing a tqdm bar (count, rate, elapsed and ETA) on a terminal's stderr; None
+    when stderr is not a terminal (logs and pipes get no bar, as before).  ``in_bytes``: ``done`` / ``total`` are
+    bytes (downloads, conversions), shown as KiB / MiB / GiB and their rate."""
     if not sys.stderr.isatty():
         return None
+    import os
 
-    def cb(i, n):
-        sys.stderr.write(f"\r{label}: {i}/{n}")
-        if i == n:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+    from tqdm import tqdm  # a dependency of transformers and huggingface_hub; imported only for a terminal
+
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        size = os.terminal_size((0, 0))
+    # a terminal that reports no size (a bare pseudo-terminal: 0 x 0) would get no bar at all: 100 x 24
+    width = {"dynamic_ncols": True} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 24}
+    state: dict = {}
+
+    def cb(done, total):
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, desc=label, unit="B" if in_bytes else unit, unit_scale=in_bytes,
+                                      unit_divisor=1024 if in_bytes else 1000, file=sys.stderr, initial=done,
+                                      mininterval=0.2, **width)
+        if total != bar.total:
+            bar.total = total
+        bar.update(done - bar.n)
+        if done >= total and not state.get("closed"):
+            state["closed"] = True
+            bar.close()
 
     return cb

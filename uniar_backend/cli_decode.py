@@ -76,7 +76,7 @@ def _decode_and_save(model_dir: str, tokens, args, seed: int) -> list[str]:
                        cache_dir=args.cache_dir, decoder_prompt=args.decoder_prompt,
                        weights=getattr(args, "weights", None))
     images = dec.decode(tokens, steps=args.steps, guidance=args.guidance, upsampling_ratio=args.upsampling_ratio,
-                        seed=seed, decoder_prompt=args.decoder_prompt, callback=terminal_progress("decode step"))
+                        seed=seed, decoder_prompt=args.decoder_prompt, callback=terminal_progress("decode", unit="step"))
     meta = {"uniar": f"steps={args.steps} guidance={args.guidance} upsampling_ratio={args.upsampling_ratio} "
                      f"seed={seed}"}
     return save_images(images, args.out, metadata=meta)

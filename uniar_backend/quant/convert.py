@@ -222,6 +222,11 @@ def convert(src: str, fmt_name: str, dst: str, progress=None) -> dict:
                     json.dump(record(read_json(path), fmt), f, indent=2)
             else:
                 shutil.copy2(path, out)
+            done += os.path.getsize(path)
+            if progress:
+                progress(done, total)
+        if progress:
+            progress(total, total)  # the rewritten shard indexes are not copied byte for byte
         _check_complete(tmp, files, weight_files)
         os.unlink(os.path.join(tmp, OWNER))
         if os.path.isdir(dst):
