@@ -247,3 +247,15 @@ def test_every_json_of_a_file_is_bounded_and_fails_cleanly(tmp_path):
     _safetensors_with_header(shard, b"[" * 50_000 + b"]" * 50_000)
     with pytest.raises(CheckpointError, match="not a valid .safetensors file.*nested too deeply"):
         Checkpoint(d).weights
+
+
+def test_missing_checkpoint_folder_says_how_to_get_it(tmp_path):
+    """README command 2 on a fresh machine: the error names the download command and its size, in one line."""
+    for name, repo in (("UniAR-SFT", "ShareLab-SII/UniAR-SFT"), ("UniAR-RL", "ShareLab-SII/UniAR-RL")):
+        r = run_cli("t2i", "--model", tmp_path / "models" / "uniar" / name, "--prompt", "a fox", "--height", "512",
+                    "--width", "512", "--out", tmp_path / "fox.png", check=False)
+        assert r.returncode == 2
+        line = r.stderr.strip()
+        assert "\n" not in line and "checkpoint folder not found" in line
+        assert f"python -m uniar_backend download --repo {repo} --out {tmp_path / 'models' / 'uniar' / name}" in line
+        assert "26 GB" in line

@@ -15,13 +15,21 @@ from .runtime import resolve_attention, resolve_device, resolve_dtype  # noqa: F
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
+def how_to_get(path: str) -> str:
+    """One line on how to fill a missing checkpoint folder (the download command and its size)."""
+    repo = "ShareLab-SII/UniAR-RL" if "rl" in os.path.basename(path.rstrip(os.sep)).lower() else \
+        "ShareLab-SII/UniAR-SFT"
+    return (f"download it (about 26 GB of the files this pack reads) with `python -m uniar_backend download --repo "
+            f"{repo} --out {path}` (--dry-run lists them first)")
+
+
 class Checkpoint:
     """A UniAR checkpoint folder.  Opening it reads only ``config.json``; weights are read per component."""
 
     def __init__(self, path: str | os.PathLike):
         path = os.path.abspath(os.fspath(path))
         if not os.path.isdir(path):
-            raise CheckpointError(f"checkpoint folder not found: {path}")
+            raise CheckpointError(f"checkpoint folder not found: {path}; {how_to_get(path)}")
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise CheckpointError(
