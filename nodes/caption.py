@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
-
 from ..uniar_backend.limits import MAX_SEED
-from .compat import UniARModel, UniARTokens
+from .compat import UniARModel, UniARTokens, io, ui
 
 DEFAULT_QUESTION = "Describe this image in detail."
 

@@ -1,10 +1,18 @@
-"""Small shims over ``comfy_api.latest.io`` so the pack works across ComfyUI versions."""
+"""The ComfyUI API the nodes use, and small shims over it so the pack works across ComfyUI versions.
+
+The nodes import ``io``, ``ui`` and ``ComfyExtension`` from here, which takes them from the pinned API version
+``comfy_api.v0_0_2`` (ComfyUI's maintainers advise a pinned version over ``comfy_api.latest``; 0.3.64, 0.28 and
+0.33 all have it and it offers everything the nodes use), falling back to ``comfy_api.latest`` on a release whose
+``v0_0_2`` does not re-export them."""
 
 from __future__ import annotations
 
 import inspect
 
-from comfy_api.latest import io
+try:
+    from comfy_api.v0_0_2 import ComfyExtension, io, ui  # noqa: F401  (ComfyExtension, ui: imported from here)
+except ImportError:
+    from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401
 
 # the two socket types of the pack
 UniARModel = io.Custom("UNIAR_MODEL")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..uniar_backend.limits import MAX_SEED
-from .compat import TOKENS_IN_TIP, UniARModel, UniARTokens, advanced, upsampling_ratio_input
+from .compat import TOKENS_IN_TIP, UniARModel, UniARTokens, advanced, io, upsampling_ratio_input
 
 
 class UniARDecode(io.ComfyNode):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
+from .compat import ComfyExtension, io
 
 from .caption import UniARCaption
 from .decode import UniARDecode

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..uniar_backend.limits import MAX_SEED
 from ..uniar_backend.sampling import IMAGE_SAMPLERS
 from . import bit_preview, sizes
-from .compat import UniARModel, UniARTokens, advanced
+from .compat import UniARModel, UniARTokens, advanced, io
 from .images import rgb_list
 
 MODEL_IN_TIP = "The UniAR model from the UniAR Model Loader."

@@ -9,11 +9,10 @@ import logging
 import os
 
 import folder_paths
-from comfy_api.latest import io
 
 from ..uniar_backend.quant import FORMATS, check_format, check_requested
 from . import checkpoints
-from .compat import UniARModel, advanced
+from .compat import UniARModel, advanced, io
 
 log = logging.getLogger("UniAR")
 

@@ -8,10 +8,8 @@ and ``UniAR Reference Sigmas`` reproduce ``UniAR Decode`` exactly through ``Samp
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..uniar_backend.limits import MAX_SEED
-from .compat import TOKENS_IN_TIP, UniARModel, UniARTokens, advanced, upsampling_ratio_input
+from .compat import TOKENS_IN_TIP, UniARModel, UniARTokens, advanced, io, upsampling_ratio_input
 
 class UniARDecoderLoader(io.ComfyNode):
     @classmethod

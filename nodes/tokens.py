@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 
 import folder_paths
-from comfy_api.latest import io
 
 from . import bit_preview, token_files
-from .compat import TOKENS_IN_TIP, UniARTokens
+from .compat import TOKENS_IN_TIP, UniARTokens, io
 
 
 class UniARSaveTokens(io.ComfyNode):

@@ -96,8 +96,10 @@ def build_modules(tmp_root: str) -> dict:
     ui.PreviewImage = lambda image, **kw: {"images": []}
     latest = types.ModuleType("comfy_api.latest")
     latest.io, latest.ui, latest.ComfyExtension = io, ui, ComfyExtension
+    pinned = types.ModuleType("comfy_api.v0_0_2")  # the pinned version re-exports latest's io / ui / extension
+    pinned.io, pinned.ui, pinned.ComfyExtension = io, ui, ComfyExtension
     comfy_api = types.ModuleType("comfy_api")
-    comfy_api.latest = latest
+    comfy_api.latest, comfy_api.v0_0_2 = latest, pinned
 
     fp = types.ModuleType("folder_paths")
     fp.models_dir = os.path.join(tmp_root, "models")
@@ -115,7 +117,7 @@ def build_modules(tmp_root: str) -> dict:
     fp.get_folder_paths = get_folder_paths
     fp.get_input_directory = lambda: os.path.join(tmp_root, "input")
     fp.get_output_directory = lambda: os.path.join(tmp_root, "output")
-    return {"comfy_api": comfy_api, "comfy_api.latest": latest, "folder_paths": fp}
+    return {"comfy_api": comfy_api, "comfy_api.latest": latest, "comfy_api.v0_0_2": pinned, "folder_paths": fp}
 
 
 @contextlib.contextmanager

@@ -474,3 +474,18 @@ def test_drawn_preview_and_its_rate():
     assert scale >= 1 and img.shape[1] == full.shape[1] * scale
     assert bit_preview.preview_every((16, 16)) == 32  # two token rows at 512x512: 8 pictures
     assert bit_preview.preview_every((2, 2)) == 2
+
+
+def test_nodes_use_the_pinned_comfy_api_version():
+    """Every node module takes io / ui / ComfyExtension from nodes/compat.py, which imports the pinned
+    comfy_api.v0_0_2 (comfy_api.latest only as its fallback)."""
+    import glob
+    import re
+
+    for path in glob.glob(os.path.join(ROOT, "nodes", "*.py")):
+        src = open(path, encoding="utf-8").read()
+        imports = re.findall(r"^\s*(?:from|import) comfy_api[.\w]*", src, re.M)
+        if path.endswith("compat.py"):
+            assert [i.split()[-1] for i in imports] == ["comfy_api.v0_0_2", "comfy_api.latest"]
+        else:
+            assert imports == [], (path, imports)
