@@ -141,10 +141,16 @@ def _download(repo_id: str, local: str) -> None:
               f"or from https://huggingface.co/{repo_id}) and put the folder at {local}, then use the UniAR Model "
               "Loader.")
     pbar = comfy.utils.ProgressBar(100)
+    shown = [-1]
 
     def progress(done: int, total: int) -> None:
-        check_interrupt()  # a cancel stops the download; the next run resumes it
-        pbar.update_absolute(int(done * 100 // max(1, total)), 100)
+        # called about every 0.1 s while a file arrives (even when no byte does), so a cancel stops the download
+        # within about 0.1 s; the next run resumes it
+        check_interrupt()
+        percent = int(done * 100 // max(1, total))
+        if percent != shown[0]:  # the bar (a message to the browser) only when it moves
+            shown[0] = percent
+            pbar.update_absolute(percent, 100)
 
     log.info("UniAR: downloading %s into %s (only the files this pack reads)", repo_id, local)
     try:

@@ -34,6 +34,7 @@ if [ "${UNIAR_SKIP_TF457:-0}" != "1" ]; then
     fi
     echo "== test suite again with transformers $(PYTHONPATH="$OVERLAY" "$PY" -c 'import transformers, diffusers; print(transformers.__version__, "/ diffusers", diffusers.__version__)')"
     # the tests that exercise transformers (tokenizer, chat template, the decoder's text encoders)
+    # and the downloader on huggingface_hub 0.x (requests; the first pass runs it on 1.x / 2.x, httpx)
     PYTHONPATH="$OVERLAY" "$PY" -m pytest -q -m "not slow" tests/test_ar_parity.py tests/test_cli.py \
-        tests/test_bad_inputs.py tests/test_loader.py tests/test_decoder.py
+        tests/test_bad_inputs.py tests/test_loader.py tests/test_decoder.py tests/test_download.py
 fi
