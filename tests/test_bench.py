@@ -74,3 +74,13 @@ def test_real_size_phases_shrunk_on_cpu():
         assert k in res
     assert set(res["ar"]) == {"fast", "reference"}
     assert res["ar"]["fast"]["steps"] == 4 and res["ar"]["reference"]["steps"] == 2
+    assert res["weights"] == "bf16" and "ar_layers_quantised" not in res
+
+
+def test_real_size_weight_format_shrunk_on_cpu():
+    """--weights int4: the AR and DiT target layers are quantised before timing (the per-format speed table)."""
+    out = _run("--real-size", "--shrink", "32", "--device", "cpu", "--ar-steps", "4", "--ref-steps", "2",
+               "--decode-steps", "2", "--weights", "int4", "--json")
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["weights"] == "int4" and res["ar_layers_quantised"] > 0 and res["dit_layers_quantised"] > 0
+    assert res["ar"]["fast"]["ms_per_step"] > 0 and res["end_to_end_seconds"] > 0

@@ -360,7 +360,13 @@ def run_real(args) -> dict:
     dev = torch.device(args.device)
     dtype = torch.bfloat16
     k = args.shrink
-    res = {"real_size": True, "device": str(dev), "shrink": k}
+    res = {"real_size": True, "device": str(dev), "shrink": k, "weights": args.weights}
+    fmt = None
+    if args.weights != "bf16":  # the AR and DiT target Linears in a low-VRAM format, quantised on the device
+        from ..quant.formats import check_device, get
+
+        fmt = get(args.weights)
+        check_device(fmt, dev)
     if dev.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(dev)
     say = (lambda s: None) if args.json else (lambda s: print(s, flush=True))
@@ -393,6 +399,10 @@ def run_real(args) -> dict:
                                           "bsq_hidden_dim": 8192 // k, "out_hidden_size": 4096 // k})
         cfg = synthetic.config_from_dict(d)
     model = synthetic.random_model(cfg, ("llm", "vision", "gen_head"), dev, dtype, seed=args.seed)
+    if fmt is not None:
+        from ..quant.layers import AR_TARGETS, quantize_loaded
+
+        res["ar_layers_quantised"] = len(quantize_loaded(model, AR_TARGETS, fmt))
     steps = args.ar_steps
     rows, cols = grid_for(steps)
     prefix = make_prefix(model, rows, cols, seed=args.seed)
@@ -454,6 +464,10 @@ def run_real(args) -> dict:
     with PeakMemory(dev) as pm_dit:
         with torch.device(dev):
             dit = UniARSD3Transformer.from_uniar_config(tcfg).to(dtype).eval().requires_grad_(False)
+        if fmt is not None:
+            from ..quant.layers import DIT_TARGETS, quantize_loaded
+
+            res["dit_layers_quantised"] = len(quantize_loaded(dit, DIT_TARGETS, fmt))
         h = side // 8
         lat = torch.randn(2, 16, h, h, device=dev, dtype=dtype)
         txt = torch.randn(2, 77 + 256, tcfg["joint_attention_dim"], device=dev, dtype=dtype)
@@ -527,6 +541,8 @@ def parse_args(argv=None):
     p.add_argument("--ar-steps", type=int, default=256, help="--real-size: AR steps (default 256 = 512x512)")
     p.add_argument("--ref-steps", type=int, default=64, help="--real-size: steps of the reference run")
     p.add_argument("--decode-steps", type=int, default=28, help="--real-size: DiT steps in the end-to-end sum")
+    p.add_argument("--weights", choices=("bf16", "int8", "fp8", "int4"), default="bf16",
+                   help="--real-size: the weight format of the AR and DiT target layers (default bf16)")
     p.add_argument("--ops", choices=("torch", "comfy"), default="torch",
                    help="comfy: the fast sampler with plain torch layers against the same model built from "
                         "ComfyUI's comfy.ops.disable_weight_init layers (ComfyUI importable, e.g. PYTHONPATH=<ComfyUI> "
