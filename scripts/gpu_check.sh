@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The first GPU in one command: every CUDA path, every weight format, the VRAM budgets inside ComfyUI.
+#
+#   bash scripts/gpu_check.sh --out DIR                 # on a GPU machine: DIR/summary.json + DIR/summary.md
+#   bash scripts/gpu_check.sh --cpu-dry-run --out DIR   # every phase on this CPU at reduced sizes (CI runs it)
+#
+# Options: python -m uniar_backend.tools.gpu_check --help.  The interpreter: $UNIAR_PYTHON, else .venv/bin/python
+# when it imports torch, else python3.  When scripts/gpu_bundle.sh packed .gpu_bundle/ (wheels the device lacks, a
+# ComfyUI tree), its wheels are installed into a temporary folder first, offline (--no-index), and put on PYTHONPATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${UNIAR_PYTHON:-}"
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" 2>/dev/null; then PY=.venv/bin/python; else PY=python3; fi
+fi
+if [ -d .gpu_bundle/wheels ] && ls .gpu_bundle/wheels/*.whl >/dev/null 2>&1; then
+    SITE="$(mktemp -d "${TMPDIR:-/tmp}/uniar-gpu-site.XXXXXX")"
+    # the bundle holds only what the device lacks (scripts/gpu_bundle.sh); --no-deps keeps the device's own torch /
+    # transformers in charge
+    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .gpu_bundle/wheels/*.whl \
+        && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$SITE" \
+        || echo "gpu_check.sh: installing the bundled wheels failed; going on with what the interpreter has" >&2
+fi
+exec "$PY" -m uniar_backend.tools.gpu_check "$@"
