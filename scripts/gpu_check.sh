@@ -5,8 +5,10 @@
 #   bash scripts/gpu_check.sh --cpu-dry-run --out DIR   # every phase on this CPU at reduced sizes (CI runs it)
 #
 # Options: python -m uniar_backend.tools.gpu_check --help.  The interpreter: $UNIAR_PYTHON, else .venv/bin/python
-# when it imports torch, else python3.  When scripts/gpu_bundle.sh packed .gpu_bundle/ (wheels the device lacks, a
-# ComfyUI tree), its wheels are installed into a temporary folder first, offline (--no-index), and put on PYTHONPATH.
+# when it imports torch, else python3.  When scripts/gpu_bundle.py packed .gpu_bundle/ (the fixtures, wheels the
+# device lacks, a ComfyUI tree when it fits), its wheels are installed into a temporary folder first, offline
+# (--no-index), and put on PYTHONPATH.  On the lent machine: run(command="bash scripts/gpu_check.sh --out
+# $OUT/gpu_check", carry=[".gpu_bundle"]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${UNIAR_PYTHON:-}"
@@ -20,5 +22,9 @@ if [ -d .gpu_bundle/wheels ] && ls .gpu_bundle/wheels/*.whl >/dev/null 2>&1; the
     "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .gpu_bundle/wheels/*.whl \
         && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$SITE" \
         || echo "gpu_check.sh: installing the bundled wheels failed; going on with what the interpreter has" >&2
+fi
+# the fixtures: ../shared beside the checkout, else the bundle's copy (the device machine gets no ../shared)
+if [ -z "${UNIAR_SHARED:-}" ] && [ ! -d ../shared/fixtures ] && [ -d .gpu_bundle/shared/fixtures ]; then
+    export UNIAR_SHARED="$PWD/.gpu_bundle/shared"
 fi
 exec "$PY" -m uniar_backend.tools.gpu_check "$@"

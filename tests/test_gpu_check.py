@@ -7,7 +7,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import ROOT
+from conftest import FIXTURES, ROOT
 
 from uniar_backend.tools import gpu_check
 
@@ -78,3 +78,32 @@ def test_without_a_gpu_the_real_run_refuses(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert gpu_check.main(["--out", str(tmp_path)]) == 2
+
+
+def test_bundle_packs_by_importance_within_the_budget(tmp_path):
+    """scripts/gpu_bundle.py (offline here: no wheels fetched): the fixtures the CUDA tests read go first, what does
+    not fit the budget is left out and listed with its size and reason, and the folder is git-ignored."""
+    import sys
+
+    def bundle(mib):
+        out = tmp_path / f"b{mib}"
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_bundle.py"), "--offline",
+                            "--budget-mib", str(mib), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env={k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"})
+        assert p.returncode == 0, p.stderr
+        return out, json.load(open(out / "MANIFEST.json")), p.stdout
+
+    out, m, text = bundle(64)
+    assert [x["kind"] for x in m["included"]] == ["fixtures"] and m["total_bytes"] <= 64 * 2**20
+    fx = out / "shared" / "fixtures"
+    for rel in ("uniar-tiny/config.json", "uniar-tiny-bsq64/model.safetensors", "golden/test_image.png"):
+        assert (fx / rel).is_file(), rel
+    for name in ("uniar-tiny", "uniar-tiny-bsq64"):  # the float32 goldens, whole
+        assert sorted(os.listdir(fx / "golden" / name)) == sorted(os.listdir(
+            os.path.join(FIXTURES, "golden", name)))
+    assert any(x["name"] == "torchvision" for x in m["left_out"]) and "left out: pytest" in text
+    out, m, text = bundle(5)  # the fixtures do not fit: left out and said so, nothing half-copied
+    assert m["included"] == [] and not (out / "shared").exists()
+    assert any(x["kind"] == "fixtures" and x["reason"].startswith("over") for x in m["left_out"])
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".gpu_bundle/x"], cwd=ROOT)
+    assert ignored.returncode == 0

@@ -180,6 +180,11 @@ def comfyui(args, out_dir: str) -> dict:
     if not os.path.isfile(script):
         return {"status": "skipped", "reason": "scripts/gpu_comfy_phase.py is missing"}
     python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    lacking = _comfy_lacks(python)
+    if lacking:
+        return {"status": "skipped", "comfyui_path": path,
+                "reason": f"{python} cannot start ComfyUI: it lacks {', '.join(lacking)} (see .gpu_bundle/MANIFEST.json "
+                          "for what did not fit the 64 MiB the device receives)"}
     cmd = [python, script, "--comfyui", path, "--out", os.path.join(out_dir, "comfyui"),
            "--budgets", ",".join(str(b) for b in args.budgets)]
     if args.cpu_dry_run:
@@ -190,6 +195,21 @@ def comfyui(args, out_dir: str) -> dict:
     if r["status"] == "ok" and not r["result"]:
         r["status"] = "failed"
     return r
+
+
+# what ComfyUI 0.28 / 0.33 import at start-up beyond torch (a device lacking one cannot run the phase)
+COMFY_STARTUP = ("torchvision", "torchsde", "einops", "scipy", "av", "sqlalchemy", "alembic", "kornia", "spandrel",
+                 "pydantic", "safetensors", "aiohttp", "yaml", "PIL", "psutil")
+
+
+def _comfy_lacks(python: str) -> list[str]:
+    code = ("import importlib.util, json; print(json.dumps([m for m in %r if importlib.util.find_spec(m) is None]))"
+            % (COMFY_STARTUP,))
+    try:
+        p = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, env=_env())
+        return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else [f"(a working {python})"]
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return [f"(a working {python})"]
 
 
 # ---------------------------------------------------------------------------------------------- report
