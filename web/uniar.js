@@ -1,12 +1,21 @@
 // The UniAR pack's frontend extension (frontends 1.27 .. 1.58).
 //
 // 1. Shows the answer of "UniAR Caption / VQA" on the node itself. The node returns its answer as ui.PreviewText
-//    ({"text": [...]}), which the frontends draw only on their own text nodes. This adds a read-only text box to
-//    the Caption node and fills it when the node has run. The box is not part of the workflow's widget values
-//    (serialize: false), so saved workflows keep their layout and stay loadable without this extension.
+//    ({"text": [...]}), which the frontends draw only on their own text nodes. This adds a read-only multiline
+//    STRING widget to the Caption node (made by the frontend's own ComfyWidgets.STRING, as its text-preview node
+//    PreviewAny does, so both renderers draw it: the classic LiteGraph canvas as a textarea over the canvas, Nodes
+//    2.0 (Comfy.VueNodes.Enabled) as a textarea inside the node) and sets its value when the node has run. The
+//    widget is not part of the workflow's widget values (serialize: false), so saved workflows keep their layout
+//    and stay loadable without this extension. The answer is only ever set as a value, never as HTML.
 // 2. When a loaded workflow names a UniAR checkpoint folder that is not installed, says where to put it (the
 //    frontend's own missing-model dialog knows single files only, so templates do not use it).
 import { app } from "../../scripts/app.js";
+
+// ComfyWidgets: from the frontend's public API object where it has one, else from the legacy module path (which
+// frontends >= 1.49 mark as internal); guarded, so a frontend without either still loads the extension's other
+// part (the missing-checkpoint notice) and says why the answer box is missing.
+const ComfyWidgets = window.comfyAPI?.widgets?.ComfyWidgets ??
+  (await import("../../scripts/widgets.js").catch(() => ({}))).ComfyWidgets;
 
 const NODE_ID = "UniARCaption";
 const WIDGET = "uniar_answer";
@@ -21,33 +30,30 @@ function answerOf(message) {
 function answerWidget(node) {
   let widget = node.widgets?.find((w) => w.name === WIDGET);
   if (widget) return widget;
-  const box = document.createElement("textarea");
-  box.readOnly = true;
-  box.placeholder = PLACEHOLDER;
-  box.className = "comfy-multiline-input uniar-answer";
-  box.dataset.uniarAnswer = "";
-  Object.assign(box.style, {
-    width: "100%", height: "100%", minHeight: "72px", boxSizing: "border-box", resize: "none",
-    fontSize: "13px", lineHeight: "1.35", padding: "6px",
-  });
-  widget = node.addDOMWidget(WIDGET, "customtext", box, {
-    getValue: () => box.value,
-    setValue: (v) => { box.value = v ?? ""; },
-    getMinHeight: () => 80,
-    serialize: false,
-  });
+  if (!ComfyWidgets?.STRING) {
+    console.warn("[UniAR] this frontend offers no ComfyWidgets.STRING: the Caption answer is only in its output");
+    return null;
+  }
+  widget = ComfyWidgets.STRING(node, WIDGET, ["STRING", { multiline: true, placeholder: PLACEHOLDER }], app).widget;
+  widget.options ??= {};
+  widget.options.read_only = true;
+  widget.options.placeholder = PLACEHOLDER;
+  widget.label = "answer"; // the name shown by Nodes 2.0 (the widget's name stays uniar_answer)
   widget.serialize = false; // never written into widgets_values
-  widget.serializeValue = () => undefined;
+  widget.options.serialize = false;
+  const box = widget.element;
+  if (box) {
+    box.readOnly = true;
+    box.placeholder = PLACEHOLDER;
+    box.dataset.uniarAnswer = "";
+  }
   return widget;
 }
 
 function showAnswer(node, text) {
   const widget = answerWidget(node);
-  widget.element.value = text;
-  widget.element.title = text;
-  const [w, h] = node.size;
-  const min = node.computeSize?.() ?? [w, h];
-  node.setSize?.([Math.max(w, min[0]), Math.max(h, min[1])]);
+  if (!widget) return;
+  widget.value = text;
   node.setDirtyCanvas?.(true, true);
 }
 
