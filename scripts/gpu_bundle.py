@@ -32,13 +32,15 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(ROOT, ".gpu_bundle")
 # what the device machine already has (and what comes with those packages)
+# (torch's, transformers' and aiohttp's own requirements come with them; requests does not with transformers 5 and
+# huggingface_hub 1.x, so it travels: gpu_check.sh installs only the bundled wheels the interpreter lacks)
 ON_DEVICE = {"torch", "transformers", "accelerate", "safetensors", "tokenizers", "huggingface-hub", "pillow",
              "numpy", "aiohttp", "jinja2", "markupsafe", "filelock", "fsspec", "packaging", "pyyaml", "regex",
-             "requests", "tqdm", "typing-extensions", "sympy", "networkx", "psutil", "yarl", "multidict",
-             "aiosignal", "frozenlist", "attrs", "idna", "certifi", "charset-normalizer", "urllib3", "mpmath",
-             "propcache", "aiohappyeyeballs"}
-# wheels for the pack's phases (pytest for the CUDA tests, diffusers for the decoder), the pure ones
-PACK_WHEELS = ["pytest", "pluggy", "iniconfig", "diffusers", "importlib-metadata", "zipp"]
+             "tqdm", "typing-extensions", "sympy", "networkx", "psutil", "yarl", "multidict", "aiosignal",
+             "frozenlist", "attrs", "mpmath", "propcache", "aiohappyeyeballs"}
+# wheels for the pack's phases (pytest for the CUDA tests, diffusers and what it imports for the decoder), all pure
+PACK_WHEELS = ["pytest", "pluggy", "iniconfig", "diffusers", "importlib-metadata", "zipp", "requests", "urllib3",
+               "idna", "certifi", "charset-normalizer"]
 # ComfyUI 0.33's start-up needs beyond the device's, small first; the frontend is not needed (the phase talks to
 # the API only and starts ComfyUI with an empty --front-end-root)
 COMFY_WHEELS = ["einops", "torchsde", "trampoline", "simpleeval", "alembic", "mako", "sentencepiece", "blake3",

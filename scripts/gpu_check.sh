@@ -17,9 +17,20 @@ if [ -z "$PY" ]; then
 fi
 if [ -d .gpu_bundle/wheels ] && ls .gpu_bundle/wheels/*.whl >/dev/null 2>&1; then
     SITE="$(mktemp -d "${TMPDIR:-/tmp}/uniar-gpu-site.XXXXXX")"
-    # the bundle holds only what the device lacks (scripts/gpu_bundle.sh); --no-deps keeps the device's own torch /
+    # the bundle holds only what the device lacks (scripts/gpu_bundle.py); --no-deps keeps the device's own torch /
     # transformers in charge
-    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .gpu_bundle/wheels/*.whl \
+    # ... and only the wheels whose distribution the interpreter does not have already (no shadowing)
+    mapfile -t lacking < <("$PY" - .gpu_bundle/wheels/*.whl <<'PYEOF'
+import importlib.metadata, os, sys
+for whl in sys.argv[1:]:
+    name = os.path.basename(whl).split("-")[0]
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        print(whl)
+PYEOF
+)
+    [ ${#lacking[@]} -eq 0 ] || "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "${lacking[@]}" \
         && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$SITE" \
         || echo "gpu_check.sh: installing the bundled wheels failed; going on with what the interpreter has" >&2
 fi

@@ -13,7 +13,7 @@ phase that fails or times out is recorded (status, seconds, the tail of its outp
   the CUDA-graph step against the bandwidth floor, DiT ms/step at 1024x1024 with CFG, VAE decode, end-to-end
   seconds, peak VRAM per phase;
 * ``comfyui``: the budget claims inside ComfyUI (``scripts/gpu_comfy_phase.py``), when a ComfyUI tree is there
-  (``COMFYUI_PATH``, or the one ``scripts/gpu_bundle.sh`` packed); skipped, and said so, otherwise.
+  (``COMFYUI_PATH``, or the one ``scripts/gpu_bundle.py`` packed); skipped, and said so, otherwise.
 
 ``--cpu-dry-run`` runs every phase on the CPU at reduced sizes (the tiny fixtures; the benchmark shrunk; the
 ComfyUI phase with simulated dynamic VRAM), writing the same JSON, so the command, its arguments and its output
@@ -174,8 +174,9 @@ def comfyui(args, out_dir: str) -> dict:
     if not path and os.path.isdir(bundled):
         path = bundled
     if not path or not os.path.isfile(os.path.join(path, "main.py")):
-        return {"status": "skipped", "reason": "no ComfyUI tree: set COMFYUI_PATH (and COMFYUI_PYTHON), or run "
-                                                "scripts/gpu_bundle.sh first"}
+        return {"status": "skipped", "reason": "no ComfyUI tree: set COMFYUI_PATH (and COMFYUI_PYTHON); "
+                                                "scripts/gpu_bundle.py packs one only when it fits the 64 MiB the "
+                                                "device receives (.gpu_bundle/MANIFEST.json says)"}
     script = os.path.join(ROOT, "scripts", "gpu_comfy_phase.py")
     if not os.path.isfile(script):
         return {"status": "skipped", "reason": "scripts/gpu_comfy_phase.py is missing"}
