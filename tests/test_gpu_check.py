@@ -107,3 +107,14 @@ def test_bundle_packs_by_importance_within_the_budget(tmp_path):
     assert any(x["kind"] == "fixtures" and x["reason"].startswith("over") for x in m["left_out"])
     ignored = subprocess.run(["git", "check-ignore", "-q", ".gpu_bundle/x"], cwd=ROOT)
     assert ignored.returncode == 0
+
+
+def test_the_deadline_cuts_phases_and_says_so(tmp_path):
+    """--deadline bounds the whole run (default 470 s, under 8 minutes): a phase with no time left is skipped with
+    the reason, not started."""
+    rc = gpu_check.main(["--cpu-dry-run", "--out", str(tmp_path), "--skip", "cuda_tests", "--deadline", "1",
+                         "--formats", "bf16,int4"])
+    s = json.load(open(tmp_path / "summary.json"))
+    assert rc == 0 and {r["status"] for r in s["formats"].values()} == {"skipped"}
+    assert all("out of time" in r["reason"] for r in s["formats"].values())
+    assert gpu_check.parse_args(["--out", "x"]).deadline == 470

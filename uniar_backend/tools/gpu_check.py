@@ -114,12 +114,19 @@ def environment() -> dict:
     return out
 
 
+def _limit(args, phase_limit: float) -> float:
+    """A phase's time limit: its own, cut to what is left of the whole run's ``--deadline``."""
+    left = args.deadline - (time.monotonic() - args.t0)
+    return max(0.0, min(phase_limit, left))
+
+
 def cuda_tests(args, out_dir: str) -> dict:
     xml = os.path.join(out_dir, "cuda_tests.xml")
     device = "cpu" if args.cpu_dry_run else args.device
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "-rs",
            os.path.join("tests", "test_cuda.py"), f"--junitxml={xml}"]
-    res = run_phase(cmd, args.phase_timeout, {"UNIAR_TEST_DEVICE": device}, os.path.join(out_dir, "cuda_tests.log"))
+    res = run_phase(cmd, _limit(args, args.phase_timeout), {"UNIAR_TEST_DEVICE": device},
+                    os.path.join(out_dir, "cuda_tests.log"))
     res["device"] = device
     res.update(_junit(xml))
     if res.get("tests") == 0 and res["status"] == "ok":
@@ -160,7 +167,10 @@ def formats(args, out_dir: str) -> dict:
             cmd += ["--device", "cpu", "--shrink", "32", "--ar-steps", "4", "--ref-steps", "2", "--decode-steps", "2"]
         else:
             cmd += ["--device", args.device]
-        r = run_phase(cmd, args.phase_timeout, None, os.path.join(out_dir, f"format_{fmt}.log"))
+        if _limit(args, args.phase_timeout) < 10:
+            res[fmt] = {"status": "skipped", "reason": f"out of time (--deadline {args.deadline:g} s)", "seconds": 0}
+            continue
+        r = run_phase(cmd, _limit(args, args.phase_timeout), None, os.path.join(out_dir, f"format_{fmt}.log"))
         r["result"] = _last_json(r["output_tail"]) if r["status"] == "ok" else None
         if r["status"] == "ok" and not r["result"]:
             r["status"] = "failed"
@@ -190,7 +200,9 @@ def comfyui(args, out_dir: str) -> dict:
            "--budgets", ",".join(str(b) for b in args.budgets)]
     if args.cpu_dry_run:
         cmd.append("--cpu-dry-run")
-    r = run_phase(cmd, args.comfyui_timeout, None, os.path.join(out_dir, "comfyui.log"))
+    if _limit(args, args.comfyui_timeout) < 30:
+        return {"status": "skipped", "comfyui_path": path, "reason": f"out of time (--deadline {args.deadline:g} s)"}
+    r = run_phase(cmd, _limit(args, args.comfyui_timeout), None, os.path.join(out_dir, "comfyui.log"))
     r["comfyui_path"] = path
     r["result"] = _last_json(r["output_tail"])
     if r["status"] == "ok" and not r["result"]:
@@ -257,6 +269,9 @@ def parse_args(argv=None):
     p.add_argument("--budgets", default="8,12", help="ComfyUI VRAM budgets in GB (default 8,12)")
     p.add_argument("--phase-timeout", type=float, default=150, help="seconds per test / format phase (default 150)")
     p.add_argument("--comfyui-timeout", type=float, default=240, help="seconds for the ComfyUI phase (default 240)")
+    p.add_argument("--deadline", type=float, default=470,
+                   help="seconds for the whole run (default 470: under 8 minutes); each phase's limit is cut to "
+                        "what is left, a phase with no time left is skipped and said so")
     p.add_argument("--comfyui-path", default=None, help="a ComfyUI tree (default $COMFYUI_PATH or the bundle's)")
     p.add_argument("--skip", default="", help="phases to skip: cuda_tests, formats, comfyui (comma separated)")
     a = p.parse_args(argv)
@@ -279,7 +294,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
-    t0 = time.monotonic()
+    t0 = args.t0 = time.monotonic()
     summary: dict = {"cpu_dry_run": args.cpu_dry_run, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     summary["environment"] = environment()
     if not args.cpu_dry_run and not summary["environment"].get("cuda_available"):
