@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 
 from ..uniar_backend import limits
+from ..uniar_backend.fileio import PARTIAL
 from .token_files import plain_relative, safe_join
 
-PARTIAL = ".partial-"  # uniar_backend.quant.convert writes DST.partial-XXXX and renames it when complete
 HUB_REPOS = ("ShareLab-SII/UniAR-SFT", "ShareLab-SII/UniAR-RL")
 DTYPES = limits.DTYPE_CHOICES
 ATTENTIONS = limits.ATTENTION_CHOICES

@@ -244,20 +244,10 @@ def write_real_size(folder: str, fmt_name: str | None, device: str = "cuda", shr
     written += write_safetensors_streaming(os.path.join(folder, "model.safetensors"), spec, maker, meta)
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(record(raw, fmt) if fmt is not None else raw, f, indent=2)
-    for fn in synthetic.SIDE_FILES:
-        src = os.path.join(source, fn)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(folder, fn))
-            os.chmod(os.path.join(folder, fn), 0o644)
+    synthetic.copy_side_files(source, folder)
 
     # ---- bsq_encoder/: the vision tower alone (the AR file's model.visual.* tensors, same values)
-    enc = os.path.join(folder, "bsq_encoder")
-    os.makedirs(enc, exist_ok=True)
-    vcfg = dict(raw["vision_config"])
-    vcfg.update({"architectures": ["UniARVisionModel"], "model_type": "uniar_vision",
-                 "transformers_version": raw.get("transformers_version", "4.57.0")})
-    with open(os.path.join(enc, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(vcfg, f, indent=2)
+    enc = synthetic.write_bsq_encoder_config(folder, raw)
     pre = "model.visual."
     vspec = {k[len(pre):]: s for k, s in spec.items() if k.startswith(pre)}
     written += write_safetensors_streaming(
@@ -266,7 +256,7 @@ def write_real_size(folder: str, fmt_name: str | None, device: str = "cuda", shr
     del model, layout, spec, vspec
 
     # ---- DiT
-    vision = VisionConfig.from_dict(vcfg, "bsq_encoder/config.json")
+    vision = VisionConfig.from_dict(dict(raw["vision_config"]), "bsq_encoder/config.json")
     tcfg, vae_cfg = real_decoder_configs(shrink, vision.hidden_size, vision.levels)
     tdir = os.path.join(folder, "sd3_transformer")
     os.makedirs(tdir, exist_ok=True)

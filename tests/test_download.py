@@ -150,13 +150,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if srv.trickle == "tree":
-            for i in range(len(body)):
-                if srv.closing.wait(0.5):
-                    return
-                self.wfile.write(body[i:i + 1])
-                self.wfile.flush()
-            return
+            return self.trickle(body)
         self.wfile.write(body)
+
+    def trickle(self, body):
+        """1 byte every 0.5 s, until the test ends."""
+        for i in range(len(body)):
+            if self.server.closing.wait(0.5):
+                return
+            self.wfile.write(body[i:i + 1])
+            self.wfile.flush()
 
     def serve_file(self, rel):
         srv = self.server
@@ -178,13 +181,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if rel not in srv.no_length:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if srv.trickle is True:  # 1 byte every 0.5 s, until the test ends
-            for i in range(len(body)):
-                if srv.closing.wait(0.5):
-                    return
-                self.wfile.write(body[i:i + 1])
-                self.wfile.flush()
-            return
+        if srv.trickle is True:
+            return self.trickle(body)
         if rel in srv.cut:  # the connection drops part way: fewer bytes than announced
             self.wfile.write(body[: srv.cut.pop(rel)])
             self.wfile.flush()

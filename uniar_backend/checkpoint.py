@@ -230,24 +230,18 @@ def _container(key: str) -> str:
     return ".".join(parts[:-1]) + "."
 
 
-def in_loaded_parts(key: str, wanted) -> bool:
-    """Whether checkpoint key ``key`` lies inside a module container that a load of the keys ``wanted`` reads
-    (``wanted`` a set, or a precomputed set of containers via :func:`loaded_containers`)."""
-    return _container(key) in loaded_containers(wanted)
-
-
-def loaded_containers(wanted) -> frozenset:
-    if isinstance(wanted, frozenset):
-        return wanted
-    return frozenset(_container(k) for k in wanted)
+def in_loaded_parts(keys, wanted) -> list[str]:
+    """The checkpoint ``keys`` that lie inside a module container a load of the keys ``wanted`` reads; keys of
+    parts that were not asked for (another component's containers) are left out."""
+    loaded = {_container(k) for k in wanted}
+    return [k for k in keys if _container(k) in loaded]
 
 
 def unexpected_keys(available, wanted) -> list[str]:
     """Checkpoint keys that lie inside a container the module loads but that the module does not have: a layer
     or block beyond the config's count, or a tensor a loaded layer lacks.  Keys of parts that were not asked
     for (another component's containers) are not looked at."""
-    loaded = loaded_containers(wanted)
-    return sorted(k for k in available if k not in wanted and _container(k) in loaded)
+    return sorted(k for k in in_loaded_parts(available, wanted) if k not in wanted)
 
 
 def build_on_meta(factory: Callable[[object], torch.nn.Module], ops=None, post: Callable | None = None):

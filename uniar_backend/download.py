@@ -276,13 +276,7 @@ def _list_worker(job: _Job, repo_id: str, revision: str, out: list) -> None:
             body = bytearray()
             with _stream(url, headers, timeout) as (r, chunks):
                 hf_raise_for_status(r)
-                while True:
-                    try:
-                        block = next(chunks, b"")
-                    except Exception as e:  # noqa: BLE001
-                        raise _Broken(e) from e
-                    if not block:
-                        break
+                for block in _arrivals(chunks):
                     with job.lock:
                         if job.stopped:
                             return
@@ -479,6 +473,19 @@ def _stream(url: str, headers: dict, timeout: float):
             r.close()
 
 
+def _arrivals(chunks):
+    """The non-empty blocks of a response's chunk iterator; a failure while reading becomes :class:`_Broken`
+    (so the library's retry loop around the request does not see it).  No lock is held between blocks."""
+    while True:
+        try:
+            block = next(chunks, b"")
+        except Exception as e:  # noqa: BLE001
+            raise _Broken(e) from e
+        if not block:
+            return
+        yield block
+
+
 def _raw_chunks(raw):
     read1 = getattr(raw, "read1", None)  # urllib3 >= 2: returns what has arrived
     while True:
@@ -531,14 +538,8 @@ def _transfer(job: _Job, url: str, part: str, offset: int, size: int) -> None:
                 job.fh.seek(offset)
                 job.fh.truncate()
                 job.pos = offset
-            while True:
-                try:
-                    block = next(chunks, b"")
-                except Exception as e:  # noqa: BLE001
-                    raise _Broken(e) from e
-                if not block:
-                    break
-                with job.lock:
+            for block in _arrivals(chunks):
+                with job.lock:  # checked and written under the lock: nothing is written after stop()
                     if job.stopped:
                         return
                     job.received += len(block)

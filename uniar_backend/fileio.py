@@ -8,6 +8,10 @@ import tempfile
 from contextlib import contextmanager
 
 
+# A folder written in place of ``DST`` is first ``DST.partial-XXXX`` (the converter); listings never offer one.
+PARTIAL = ".partial-"
+
+
 def new_file_mode() -> int:
     """Permissions of a normally created file (0666 minus the umask); ``mkstemp`` alone would leave 0600."""
     mask = os.umask(0o022)

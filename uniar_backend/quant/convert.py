@@ -27,6 +27,7 @@ import torch
 from ..checkpoint import WeightFiles, write_safetensors_streaming
 from ..config import read_json
 from ..errors import CheckpointError, InputError
+from ..fileio import PARTIAL
 from .files import ConvertingView, record
 from .formats import Format, check_device, get
 from .layers import AR_TARGETS, DIT_TARGETS, targets
@@ -52,7 +53,6 @@ def _dit_targets(root: str, fmt: Format) -> list[str]:
         return targets(UniARSD3Transformer.from_uniar_config(cfg), DIT_TARGETS, fmt)
 
 
-PARTIAL = ".partial-"  # DST.partial-XXXX: a conversion in progress (nodes/checkpoints.py does not list these)
 OWNER = ".uniar_partial_owner"  # inside it: "<pid> <host>" of the process writing it
 
 

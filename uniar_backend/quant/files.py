@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import in_loaded_parts, loaded_containers
+from ..checkpoint import in_loaded_parts
 from ..errors import CheckpointError
 from . import CONFIG_KEY, FORMATS, check_requested
 from .formats import Format, check_comfy_quant_layout, comfy_quant_tensor, get, read_comfy_quant
@@ -75,8 +75,7 @@ class StoredView(_View):
         keys = set(files.keys())
         marks = sorted(k[: -len(".comfy_quant")] for k in keys if k.endswith(".comfy_quant"))
         if loads is not None:
-            parts = loaded_containers(loads)
-            marks = [m for m in marks if in_loaded_parts(m + ".weight", parts)]
+            marks = [k[: -len(".weight")] for k in in_loaded_parts([m + ".weight" for m in marks], loads)]
         wanted = set(self.targets)
         stray = [m for m in marks if m not in wanted]
         if stray:

@@ -288,20 +288,32 @@ def write_checkpoint(folder: str, cfg: UniARConfig | dict | None = None, seed: i
         with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
     if bsq_encoder and model.visual is not None:
-        enc = os.path.join(folder, "bsq_encoder")
-        os.makedirs(enc, exist_ok=True)
-        vcfg = dict(d["vision_config"])
-        vcfg.update({"architectures": ["UniARVisionModel"], "model_type": "uniar_vision",
-                     "transformers_version": d.get("transformers_version", "4.57.0")})
-        with open(os.path.join(enc, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(vcfg, f, indent=2, sort_keys=True)
+        enc = write_bsq_encoder_config(folder, d)
         prefix = "model.visual."
         save_file({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
                   os.path.join(enc, "model.safetensors"), metadata=meta)
     if source:
-        for fn in SIDE_FILES:
-            src = os.path.join(source, fn)
-            if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(folder, fn))
-                os.chmod(os.path.join(folder, fn), 0o644)
+        copy_side_files(source, folder)
     return folder
+
+
+def write_bsq_encoder_config(folder: str, d: dict) -> str:
+    """``folder/bsq_encoder/config.json`` (the vision tower alone, as the real checkpoint has it) from the AR
+    config dict ``d``; -> the ``bsq_encoder`` folder (its weights: the AR file's ``model.visual.*`` tensors)."""
+    enc = os.path.join(folder, "bsq_encoder")
+    os.makedirs(enc, exist_ok=True)
+    vcfg = dict(d["vision_config"])
+    vcfg.update({"architectures": ["UniARVisionModel"], "model_type": "uniar_vision",
+                 "transformers_version": d.get("transformers_version", "4.57.0")})
+    with open(os.path.join(enc, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(vcfg, f, indent=2, sort_keys=True)
+    return enc
+
+
+def copy_side_files(source: str, folder: str) -> None:
+    """The tokenizer / processor / generation-config / chat-template files of ``source`` (those present)."""
+    for fn in SIDE_FILES:
+        src = os.path.join(source, fn)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(folder, fn))
+            os.chmod(os.path.join(folder, fn), 0o644)
