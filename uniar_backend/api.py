@@ -209,18 +209,28 @@ def _generate(model, ckpt, prompts, height: int, width: int, cfg: float = 1.5, t
     Deviation: with ``cfg <= 1`` the reference still generates (and returns) the empty-prompt rows; we compute
     and return only the conditional rows, so such tokens differ from the reference (half the work).
 
+    ``seed``: one seed for the batch (the reference's single stream), or a list of one per prompt: each prompt then
+    draws from its own stream exactly what it draws alone with that seed (batch runs: :mod:`uniar_backend.batch`).
+
     ``preview``: see :func:`uniar_backend.sampling.sample` (the bits drawn so far, every ``preview.every`` steps)."""
-    prompts = check_generate_args(prompts, height, width, cfg, temperature, seed, mode)
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else None
+    prompts = check_generate_args(prompts, height, width, cfg, temperature, seeds[0] if seeds else seed, mode)
     _need(model, "llm", "gen_head")
     B = len(prompts)
+    if seeds is not None:
+        if len(seeds) != B:
+            raise InputError(f"{len(seeds)} seeds for {B} prompt(s); give one seed, or one per prompt")
+        for s in seeds:
+            check_seed(s)
     edit = _edit_inputs(model, ckpt, B, edit_images, edit_tokens)
     if edit is None and edit_images is not None:
         edit = _edit_image_inputs(model, ckpt, B, edit_images, height, width)
     prefix, meta = _build_prefix(model, ckpt, prompts, height, width, cfg, edit)
     if info is not None:
         info.update(meta)
-    bits = sample(model, prefix, float(cfg), float(temperature), _seed_value(seed), mode, callback, logits_out,
-                  preview)
+    bits = sample(model, prefix, float(cfg), float(temperature),
+                  [_seed_value(s) for s in seeds] if seeds is not None else _seed_value(seed), mode, callback,
+                  logits_out, preview)
     bits = bits[:B].cpu()
     return VisualTokens.from_bits(bits, height, width, fingerprint=model.fingerprint)
 

@@ -35,10 +35,12 @@ def _param(module: torch.nn.Module) -> torch.Tensor:
 
 
 def check_decode_args(steps, guidance, seed) -> None:
+    """``seed``: one seed, or a list of one per image (:meth:`UniARDecoder.decode`)."""
     check_steps(steps)
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
         raise InputError(f"guidance must be a finite number, got {guidance!r}")
-    check_seed(seed)
+    for s in seed if isinstance(seed, (list, tuple)) else [seed]:
+        check_seed(s)
 
 
 class UniARDecoder:
@@ -116,6 +118,9 @@ class UniARDecoder:
         """Validate everything :meth:`decode` needs (cheap); returns the output (height, width)."""
         check_tokens(tokens, self.bsq_dim, self.levels, self.merge_unit, self.fingerprint)
         check_decode_args(steps, guidance, seed)
+        if isinstance(seed, (list, tuple)) and len(seed) != tokens.batch_size:
+            raise InputError(f"{len(seed)} seeds for {tokens.batch_size} token grid(s); give one seed, or one per "
+                             "grid")
         h, w = target_size(tokens.ar_height, tokens.ar_width, upsampling_ratio)
         check_output_size((tokens.ar_height, tokens.ar_width), (h, w), self.transformer.super_resolution,
                           max_output_side(self.transformer, self.vae_scale))
@@ -126,9 +131,12 @@ class UniARDecoder:
         """``siglip_tensor`` (B, gh*gw, levels*Dv) of the tokens (:func:`.conditioning.token_features`)."""
         return token_features(self.bsq_proj, tokens, self.device)
 
-    def initial_latents(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
-        """The starting latents for ``seed`` (:func:`.conditioning.reference_noise`, in the model dtype)."""
+    def initial_latents(self, batch: int, height: int, width: int, seed) -> torch.Tensor:
+        """The starting latents for ``seed`` (:func:`.conditioning.reference_noise`, in the model dtype): one draw
+        over the batch, or with a list of seeds each image's own draw (what that image alone gets with its seed)."""
         shape = (batch, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        if isinstance(seed, (list, tuple)):
+            return torch.cat([reference_noise((1,) + shape[1:], s, self.dtype) for s in seed])
         return reference_noise(shape, seed, self.dtype)
 
     # ------------------------------------------------------------------ decode
@@ -137,6 +145,9 @@ class UniARDecoder:
                seed: int = 0, decoder_prompt: str | None = None, callback: Callback | None = None, *,
                trace: dict | None = None) -> torch.Tensor:
         """Decode visual tokens to images ``[B, H, W, 3]`` float32 in [0, 1] on the CPU (ComfyUI IMAGE layout).
+
+        ``seed``: the reference's one noise draw over the batch, or a list of one seed per grid (each image starts
+        from the noise it gets when decoded alone with its seed; batch runs).
 
         ``callback(done, total)`` is called after every denoising step (``done`` = 1..steps); an exception it
         raises cancels the decode and propagates (nothing is left half-changed: the scheduler is per call).

@@ -49,13 +49,18 @@ def sample(model, prefix, cfg: float, temperature: float, seed: int, mode: str =
     """Run the image sampler ``mode``; returns bits (R, N, levels, unit, d) int64 for all rows.
 
     ``preview``: a callable with an int attribute ``every``, called with the bits drawn so far (a view, no copy
-    in the fast sampler) every ``every`` steps and after the last one (live previews).  ``options``: the
-    sampler's own options (``fast``: ``cuda_graph``, ``cpu_threads``)."""
+    in the fast sampler) every ``every`` steps and after the last one (live previews).  ``seed``: one int, or a
+    list of one per prompt (each prompt then draws exactly what it draws when sampled alone with that seed).
+    ``options``: the sampler's own options (``fast``: ``cuda_graph``, ``cpu_threads``)."""
     import torch
 
     fn = image_sampler(mode)
-    generator = torch.Generator(device=prefix.embeds.device)
-    generator.manual_seed(seed)
+    dev = prefix.embeds.device
+    if isinstance(seed, (list, tuple)):  # one stream per prompt
+        generator = [torch.Generator(device=dev).manual_seed(s) for s in seed]
+    else:
+        generator = torch.Generator(device=dev)
+        generator.manual_seed(seed)
     with torch.inference_mode():
         return fn(model, prefix, cfg, temperature, generator, callback, logits_out, preview, **options)
 

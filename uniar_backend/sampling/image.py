@@ -21,7 +21,9 @@ random stream, so the same tokens):
 Random stream: every row (with cfg > 1 also the unconditional ones, which get the same mixed logits) draws its
 own bits, ``2 * rows * levels * merge_unit * bsq_dim`` exponentials per step, from a generator seeded with
 ``seed`` immediately before sampling (a private ``torch.Generator``, which yields the same stream as
-``torch.manual_seed(seed)`` without touching the global RNG).
+``torch.manual_seed(seed)`` without touching the global RNG).  Given one seed per prompt (batch runs), each prompt
+draws from its own generator exactly what it would draw alone, so its tokens do not depend on the other prompts'
+seeds (only, in the last bits, on the batch's arithmetic).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Prefix:
 def mix_and_sample(logits, cfg: float, use_cfg: bool, temperature: float, shape, generator):
     """The reference's step: CFG mixing of the raw logits copied to both halves, temperature, and
     ``torch.multinomial(p, 1)`` per bit (the fast path's equivalent is :class:`_Sampler`).
+    ``generator``: one for all rows, or one per prompt (see :func:`prompt_streams`).
     Returns bits (R, levels, unit, d) int64."""
     if use_cfg:
         half = logits.shape[0] // 2
@@ -61,8 +64,26 @@ def mix_and_sample(logits, cfg: float, use_cfg: bool, temperature: float, shape,
         logits = torch.cat([mixed, mixed], dim=0)
     rows = logits.shape[0]
     probs = (logits.view(-1, *shape, 2) / temperature).flatten(0, -2).softmax(-1)
-    bits = torch.multinomial(probs, num_samples=1, generator=generator)
+    if not isinstance(generator, (list, tuple)):
+        bits = torch.multinomial(probs, num_samples=1, generator=generator)
+        return bits.view(rows, *shape)
+    # one stream per prompt: prompt j alone would draw over its rows (cond, then uncond) in this order
+    B = len(generator)
+    probs = probs.view(rows // B, B, -1, 2)
+    bits = torch.stack([torch.multinomial(probs[:, j].reshape(-1, 2), 1, generator=g).view(rows // B, -1)
+                        for j, g in enumerate(generator)], dim=1)
     return bits.view(rows, *shape)
+
+
+def prompt_streams(generator, rows: int):
+    """``generator`` as the sampler uses it: one ``torch.Generator`` for all rows, or a list of one per prompt
+    (rows = prompts, or 2 x prompts with CFG: each prompt's unconditional row draws from that prompt's stream,
+    after its conditional row, as when the prompt is sampled alone).  A list must divide the rows evenly."""
+    if isinstance(generator, (list, tuple)):
+        if not generator or rows % len(generator) or rows // len(generator) not in (1, 2):
+            raise ValueError(f"{len(generator)} random streams for {rows} rows: give one per prompt")
+        return list(generator)
+    return None
 
 
 class _Common:
@@ -359,10 +380,28 @@ class _Sampler:
         self.R, self.shape, self.cfg, self.use_cfg = R, shape, cfg, use_cfg
         self.temperature = temperature
         self.generator = generator
+        self.streams = prompt_streams(generator, R)
         n = R
         for s_ in shape:
             n *= s_
         self.q = torch.empty(n, 2, device=dev, dtype=dtype)
+        if self.streams is not None:  # per prompt: the buffer that prompt alone would fill, (rows of a prompt, ., 2)
+            B = len(self.streams)
+            self.parts = [torch.empty(R // B, n // R, 2, device=dev, dtype=dtype) for _ in range(B)]
+
+    def _draw(self, dtype, dev):
+        """The step's exponentials (R x bits, 2): one draw from the shared stream, or each prompt's own draw
+        placed at its rows (row order: conditional rows of all prompts, then their unconditional rows)."""
+        if self.streams is None:
+            q = self.q
+            if q.dtype != dtype:
+                q = self.q = torch.empty(q.shape, dtype=dtype, device=dev)
+            return q.exponential_(1, generator=self.generator)
+        if self.parts[0].dtype != dtype:
+            self.parts = [torch.empty(p.shape, dtype=dtype, device=dev) for p in self.parts]
+        for p, g in zip(self.parts, self.streams):
+            p.exponential_(1, generator=g)
+        return torch.stack(self.parts, dim=1).view(-1, 2)
 
     def __call__(self, logits):
         R = self.R
@@ -373,10 +412,7 @@ class _Sampler:
         if self.temperature != 1.0:  # x / 1.0 == x
             logits = logits / self.temperature
         probs = logits.reshape(-1, 2).softmax(-1)
-        q = self.q
-        if q.dtype != probs.dtype:
-            q = self.q = torch.empty(q.shape, dtype=probs.dtype, device=probs.device)
-        q.exponential_(1, generator=self.generator)
+        q = self._draw(probs.dtype, probs.device)
         if self.use_cfg:  # the mixed probabilities serve both halves (no copy)
             ratio = probs.view(1, -1, 2) / q.view(2, -1, 2)
         else:
