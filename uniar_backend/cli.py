@@ -159,7 +159,7 @@ def _write_text(path, text):
 def build_parser() -> argparse.ArgumentParser:
     common = common_parser()
     parser = argparse.ArgumentParser(prog="python -m uniar_backend",
-                                     description="UniAR inference: tokenize, generate, caption, decode, t2i")
+                                     description="UniAR inference: tokenize, generate, caption, decode, t2i, batch")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tokenize", parents=[common], help="image -> visual tokens (.safetensors)")
@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         cli_decode = None
     if cli_decode is not None:
         cli_decode.register(sub, common)
+    from . import batch
+
+    batch.register(sub, common)
     return parser
 
 

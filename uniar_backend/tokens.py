@@ -160,9 +160,13 @@ class VisualTokens:
 
         path = os.fspath(path)
         with atomic_path(path, prefix=".uniar_tokens_") as tmp:
-            write_safetensors(tmp, {"indices": self.indices.detach().to("cpu", torch.int64).contiguous()},
-                              self.metadata())
+            self.write(tmp)
         return path
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Write the file at ``path`` directly (callers that manage their own temporary files; else :meth:`save`)."""
+        write_safetensors(os.fspath(path), {"indices": self.indices.detach().to("cpu", torch.int64).contiguous()},
+                          self.metadata())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VisualTokens":

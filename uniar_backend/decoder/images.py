@@ -33,9 +33,6 @@ def save_images(images: torch.Tensor, path: str | os.PathLike, metadata: dict | 
     quality 95, lossless WebP; no suffix: PNG); returns the written paths.
 
     ``metadata``: optional text chunks (e.g. the decode parameters; PNG only)."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
     ext = os.path.splitext(os.fspath(path))[1].lower()
     if ext not in FORMATS:
         raise InputError(f"{path}: unknown image suffix {ext!r}; use .png, .jpg or .webp")
@@ -44,15 +41,24 @@ def save_images(images: torch.Tensor, path: str | os.PathLike, metadata: dict | 
         images = images.unsqueeze(0)
     if images.dim() != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
         raise InputError(f"images must be [B, H, W, 3] with B >= 1, got {list(images.shape)}")
-    info = None
-    if metadata:
-        info = PngInfo()
-        for k, v in metadata.items():
-            info.add_text(str(k), str(v))
     pixels = to_uint8(images).numpy()
     paths = output_paths(path, pixels.shape[0])
     for arr, out in zip(pixels, paths, strict=True):
         with atomic_path(out, prefix=".uniar_img_", suffix=ext or ".png") as tmp:
-            opts = {"PNG": {"pnginfo": info}, "JPEG": {"quality": 95}, "WEBP": {"lossless": True}}[fmt]
-            Image.fromarray(arr).save(tmp, format=fmt, **opts)
+            write_image(arr, tmp, fmt, metadata)
     return paths
+
+
+def write_image(pixels, path: str, fmt: str = "PNG", metadata: dict | None = None) -> None:
+    """One ``[H, W, 3]`` uint8 array written to ``path`` directly in ``fmt`` (PNG with ``metadata`` as text
+    chunks, JPEG at quality 95, lossless WebP); :func:`save_images` wraps it in an atomic write."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if metadata and fmt == "PNG":
+        info = PngInfo()
+        for k, v in metadata.items():
+            info.add_text(str(k), str(v))
+    opts = {"PNG": {"pnginfo": info}, "JPEG": {"quality": 95}, "WEBP": {"lossless": True}}[fmt]
+    Image.fromarray(pixels).save(path, format=fmt, **opts)
