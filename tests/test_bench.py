@@ -84,3 +84,23 @@ def test_real_size_weight_format_shrunk_on_cpu():
     res = json.loads(out.strip().splitlines()[-1])
     assert res["weights"] == "int4" and res["ar_layers_quantised"] > 0 and res["dit_layers_quantised"] > 0
     assert res["ar"]["fast"]["ms_per_step"] > 0 and res["end_to_end_seconds"] > 0
+
+
+def test_batch_throughput_json_tiny():
+    out = _run("--tiny", "--steps", "4", "--repeats", "2", "--batch-size", "2,3", "--json")
+    lines = [json.loads(l) for l in out.splitlines() if l.strip()]
+    runs, summary = lines[:-1], lines[-1]
+    assert sorted((r["batch_size"], r["repeat"]) for r in runs) == [(b, r) for b in (1, 2, 3) for r in (0, 1)]
+    assert all(r["images_per_min"] > 0 and r["seconds"] > 0 for r in runs)
+    assert summary["summary"] is True and summary["steps"] == 4
+    assert set(summary["images_per_min"]) == {"1", "2", "3"} and set(summary["batch_speedup"]) == {"2", "3"}
+    assert all(v > 0 for v in summary["batch_speedup"].values())
+    assert summary["tokens_equal_alone"]["1"] == 1.0  # batch 1 redraws each prompt alone exactly
+    assert all(0 <= v <= 1 for v in summary["tokens_equal_alone"].values())
+
+
+def test_batch_size_is_checked():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-m", "uniar_backend.bench", "--batch-size", "0"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--batch-size sizes must be in 1..64" in p.stderr

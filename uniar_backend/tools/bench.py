@@ -3,6 +3,7 @@
     python -m uniar_backend.bench                  # CPU, proportionate config, N = 256 steps, 3 interleaved repeats
     python -m uniar_backend.bench --steps 900 --repeats 1
     python -m uniar_backend.bench --json           # one JSON object per run + a summary line
+    python -m uniar_backend.bench --batch-size 4,8 --json   # images/min at batch 1, 4, 8 (256x256), batch_speedup
     python -m uniar_backend.bench --real-size      # GPU: real UniAR sizes, bf16 (bandwidth / matmul ceilings, DiT)
     PYTHONPATH=<ComfyUI> <ComfyUI python> -m uniar_backend.bench --ops comfy --json   # plain vs ComfyUI layers
 
@@ -47,20 +48,22 @@ def grid_for(n: int) -> tuple[int, int]:
     return r, n // r
 
 
-def make_prefix(model, rows: int, cols: int, prompt_len: int = 32, uncond_len: int = 22, seed: int = 0) -> Prefix:
-    """A CFG prefix like ``api.build_prefix`` makes for one prompt (conditional row, left-padded empty-prompt
-    row), with random token ids instead of a tokenizer: the last token is ``<|vision_start|>``."""
+def make_prefix(model, rows: int, cols: int, prompt_len: int = 32, uncond_len: int = 22, seed: int = 0,
+                batch: int = 1) -> Prefix:
+    """A CFG prefix like ``api.build_prefix`` makes for ``batch`` prompts (their conditional rows, then their
+    left-padded empty-prompt rows), with random token ids instead of a tokenizer: the last token is
+    ``<|vision_start|>``."""
     mc = model.cfg
     g = torch.Generator().manual_seed(seed)
-    L, N = prompt_len, rows * cols
-    ids = torch.randint(0, min(600, mc.text.vocab_size), (2, L), generator=g)
+    L, N, R = prompt_len, rows * cols, 2 * batch
+    ids = torch.randint(0, min(600, mc.text.vocab_size), (R, L), generator=g)
     ids[:, -1] = mc.vision_start_token_id
-    mask = torch.ones(2, L, dtype=torch.long)
-    mask[1, : L - uncond_len] = 0
-    all_ids = torch.cat([ids, torch.full((2, N), mc.image_token_id)], dim=1)
-    all_mask = torch.cat([mask, torch.ones(2, N, dtype=torch.long)], dim=1)
+    mask = torch.ones(R, L, dtype=torch.long)
+    mask[batch:, : L - uncond_len] = 0
+    all_ids = torch.cat([ids, torch.full((R, N), mc.image_token_id)], dim=1)
+    all_mask = torch.cat([mask, torch.ones(R, N, dtype=torch.long)], dim=1)
     grid = (1, rows * mc.vision.spatial_merge_size, cols * mc.vision.spatial_merge_size)
-    pos = prompting.rope_index(all_ids, all_mask, [[grid], [grid]], mc.image_token_id, mc.vision_start_token_id,
+    pos = prompting.rope_index(all_ids, all_mask, [[grid]] * R, mc.image_token_id, mc.vision_start_token_id,
                                mc.vision.spatial_merge_size)
     with torch.inference_mode():
         emb = model.language_model.embed_tokens(ids.to(model.device))
@@ -216,6 +219,67 @@ def run_ab(args) -> dict:
             f"ratio reference/fast {summary['ratio']:.2f}x; fast last32/first32 "
             f"{summary['fast_last32_over_first32']:.2f}; reference last32/first32 "
             f"{last['reference'] / first['reference']:.2f}; tokens identical: {identical}")
+    _emit(args, summary, text)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- batch throughput
+def run_batches(args) -> dict:
+    """Images/min of the fast sampler at batch 1 and at each ``--batch-size`` (the batch runner's AR forward: one
+    seed per prompt), interleaved repeats, same model and run; ``batch_speedup`` = images/min at B / at 1.  Also
+    checks that every row of a batch drew the tokens it draws alone with its seed."""
+    dev = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    cfg = (synthetic.make_config(hidden=64, layers=4, stack_depth=2, heads=4, kv_heads=2, head_dim=16,
+                                 intermediate=192, vocab=704, bsq_dim=64) if args.tiny
+           else synthetic.proportionate_config())
+    model = synthetic.random_model(cfg, ("llm", "vision", "gen_head"), dev, dtype, seed=args.seed)
+    rows, cols = grid_for(args.steps)
+    sizes = [1] + [b for b in args.batch_size if b != 1]
+    biggest = max(sizes)
+    full = make_prefix(model, rows, cols, seed=args.seed, batch=biggest)
+
+    def prefix_of(b, first=0):  # prompts first..first+b-1 of the batch (conditional rows, then their empty rows)
+        pick = list(range(first, first + b)) + list(range(biggest + first, biggest + first + b))
+        return Prefix(embeds=full.embeds[pick], mask=full.mask[pick], positions=full.positions[:, pick],
+                      num_tokens=full.num_tokens)
+
+    seeds = [args.seed + i for i in range(biggest)]
+    if not args.json:
+        print(f"# machine: {machine()}")
+        print(f"# model: proportionate random UniAR ({args.dtype}, {dev}); image {rows}x{cols} tokens = "
+              f"{rows * 32}x{cols * 32} px, CFG; batch sizes {sizes}; AR tokens only (the decoder batches alike)")
+    options = {"cpu_warm": WARM_SETTINGS[args.cpu_warm]}
+    warm = make_prefix(model, *grid_for(min(args.steps, 16)), seed=args.seed)
+    sample(model, warm, 1.5, 1.0, [args.seed], "fast", **options)
+    runs: dict[int, list] = {b: [] for b in sizes}
+    for r in range(args.repeats):
+        for b in (sizes if r % 2 == 0 else sizes[::-1]):
+            p = prefix_of(b)
+            _sync(dev)
+            t0 = time.perf_counter()
+            bits = sample(model, p, 2.0, 1.0, seeds[:b], "fast", **options)
+            _sync(dev)
+            sec = time.perf_counter() - t0
+            runs[b].append(sec)
+            rec = {"batch_size": b, "repeat": r, "seconds": round(sec, 4), "images_per_min": round(60 * b / sec, 2)}
+            _emit(args, rec, f"batch {b:3d} repeat {r}: {sec:7.3f} s  {rec['images_per_min']:8.1f} images/min")
+    # each row against its prompt alone with its seed: the same draws; rows computed together round differently
+    # in the last bits (other GEMM shapes), which can flip a token and let the rest of that image diverge
+    alone = [sample(model, prefix_of(1, i), 2.0, 1.0, seeds[i : i + 1], "fast", **options)[0] for i in range(biggest)]
+    agree = {}
+    for b in sizes:
+        bits = sample(model, prefix_of(b), 2.0, 1.0, seeds[:b], "fast", **options)
+        agree[b] = sum(float((bits[i] == alone[i]).all(-1).all(-1).all(-1).float().mean()) for i in range(b)) / b
+    per_min = {b: 60 * b / statistics.median(runs[b]) for b in sizes}
+    summary = {"summary": True, "steps": args.steps, "image_px": [rows * 32, cols * 32],
+               "images_per_min": {str(b): round(v, 2) for b, v in per_min.items()},
+               "batch_speedup": {str(b): round(per_min[b] / per_min[1], 3) for b in sizes if b != 1},
+               "tokens_equal_alone": {str(b): round(v, 4) for b, v in agree.items()}, "repeats": args.repeats, "threads": torch.get_num_threads(),
+               "device": str(dev), "machine": machine()}
+    text = ("summary: images/min " + ", ".join(f"batch {b}: {v:.1f}" for b, v in per_min.items()) + "; speedup "
+            + ", ".join(f"{b}: {summary['batch_speedup'][str(b)]:.2f}x" for b in sizes if b != 1)
+            + "; tokens equal to each prompt alone: " + ", ".join(f"{b}: {v:.1%}" for b, v in agree.items()))
     _emit(args, summary, text)
     return summary
 
@@ -525,7 +589,12 @@ def run_real(args) -> dict:
 # ---------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m uniar_backend.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=256, help="AR steps = tokens of the image (default 256)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="AR steps = tokens of the image (default 256; with --batch-size 64 = 256x256 px)")
+    p.add_argument("--batch-size", default=None,
+                   help="batch throughput instead of the A/B run: images/min of the fast sampler at batch 1 and at "
+                        "each of these sizes (e.g. 4 or 4,8), one seed per prompt as the batch runner draws, and "
+                        "batch_speedup")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per mode after the warm-up (default 3)")
     p.add_argument("--json", action="store_true", help="one JSON object per line (runs, then a summary)")
     p.add_argument("--seed", type=int, default=0)
@@ -550,6 +619,15 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: a very small model
     p.add_argument("--shrink", type=int, default=1, help=argparse.SUPPRESS)  # tests: real-size phases, shrunk
     a = p.parse_args(argv)
+    if a.batch_size is not None:
+        try:
+            a.batch_size = [int(x) for x in str(a.batch_size).split(",") if x.strip()]
+        except ValueError:
+            p.error("--batch-size takes sizes like 4 or 4,8")
+        if not a.batch_size or not all(1 <= b <= 64 for b in a.batch_size):
+            p.error("--batch-size sizes must be in 1..64")
+    if a.steps is None:
+        a.steps = 64 if a.batch_size else 256
     if a.steps < 1 or a.repeats < 1:
         p.error("--steps and --repeats must be >= 1")
     if a.device is None:
@@ -568,6 +646,9 @@ def main(argv=None):
         return 0 if run_real(args) else 1
     if args.ops == "comfy":
         run_ops(args)
+        return 0
+    if args.batch_size:
+        run_batches(args)
         return 0
     run_ab(args)
     return 0
