@@ -175,14 +175,22 @@ def test_layout_metadata_and_batch_size_one_equals_t2i(tmp_path):
     assert a.shape == (128, 128, 3) and np.array_equal(a, b)
 
 
-def test_torchrun_two_processes_give_the_same_files(tmp_path):
+ENGINES = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # accelerate's multi-process launcher (torchrun underneath); on a machine without GPUs each process uses the CPU
+    "accelerate": ["-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_two_processes_give_the_same_files(tmp_path, engine):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     one = str(tmp_path / "one")
     batch(one, prompts, "--samples-per-prompt", "3", "--batch-size", "2")
     two = str(tmp_path / "two")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "uniar_backend", "batch", "--model", MODEL, "--prompts", prompts, "--out", two, *SMALL,
-           "--samples-per-prompt", "3", "--batch-size", "2"]
+    cmd = [sys.executable, *ENGINES[engine], "-m", "uniar_backend", "batch", "--model", MODEL, "--prompts", prompts,
+           "--out", two, *SMALL, "--samples-per-prompt", "3", "--batch-size", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[rank 0]" in proc.stdout + proc.stderr and "[rank 1]" in proc.stdout + proc.stderr
