@@ -50,7 +50,7 @@ class ComfyServer:
     """A ComfyUI process on 127.0.0.1 with a temporary base directory."""
 
     def __init__(self, comfy_path: str, python: str | None = None, port: int | None = None, base: str | None = None,
-                 extra_args=(), extra_custom_nodes=()):
+                 extra_args=(), extra_custom_nodes=(), extra_custom_node_dirs=(), extra_env=None):
         self.comfy_path = os.path.abspath(comfy_path)
         self.python = python or sys.executable
         self.port = port or free_port()
@@ -59,6 +59,10 @@ class ComfyServer:
         self.base = base or tempfile.mkdtemp(prefix="uniar-comfy-")
         self.extra_args = list(extra_args)
         self.extra_custom_nodes = list(extra_custom_nodes)  # single-file custom nodes copied beside the pack
+        # whole custom-node packs (folders) copied beside the pack, one private copy per server (a pack that keeps
+        # its settings inside its own folder then cannot mix two servers' settings)
+        self.extra_custom_node_dirs = list(extra_custom_node_dirs)
+        self.extra_env = dict(extra_env or {})  # added to the server's environment
         self.proc = None
         self.log_path = os.path.join(self.base, "comfyui.log")
 
@@ -77,6 +81,10 @@ class ComfyServer:
         shutil.copyfile(TEST_IMAGE, os.path.join(b, "input", INPUT_IMAGE_NAME))
         for f in self.extra_custom_nodes:
             shutil.copyfile(f, os.path.join(b, "custom_nodes", "zz_" + os.path.basename(f)))
+        for d in self.extra_custom_node_dirs:
+            dst = os.path.join(b, "custom_nodes", os.path.basename(os.path.normpath(d)))
+            if not os.path.exists(dst):
+                shutil.copytree(d, dst, ignore=shutil.ignore_patterns(".git", "__pycache__", "gpu_config.json"))
         with open(os.path.join(b, "extra_model_paths.yaml"), "w", encoding="utf-8") as f:
             f.write(f"uniar_fixtures:\n  uniar: {os.path.join(b, 'uniar_models')}\n")
 
@@ -95,6 +103,7 @@ class ComfyServer:
         env = dict(os.environ)
         env.setdefault("HF_HUB_OFFLINE", "1")  # the pack never needs the network here
         env.setdefault("OMP_NUM_THREADS", "2")
+        env.update(self.extra_env)
         self._log = open(self.log_path, "w", encoding="utf-8")
         self.proc = subprocess.Popen(self.command(), cwd=self.comfy_path, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
