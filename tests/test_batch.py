@@ -230,6 +230,44 @@ def test_sigkill_then_the_same_command_completes_identically(tmp_path):
     assert "0 images" in run_cli("batch", "--model", MODEL, "--prompts", prompts, "--out", run, *args).stdout
 
 
+def _children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc")
+def test_torchrun_max_restarts_finishes_a_run_after_a_killed_worker(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"idx": i, "prompt": f"prompt number {i}"} for i in range(8)])
+    args = ["--samples-per-prompt", "2", "--batch-size", "2", "--height", "96", "--width", "96", "--steps", "4"]
+    ref = str(tmp_path / "ref")
+    run_cli("batch", "--model", MODEL, "--prompts", prompts, "--out", ref, *args)
+    run = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
+           "1", "-m", "uniar_backend", "batch", "--model", MODEL, "--prompts", prompts, "--out", run, *args]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    first = os.path.join(run, "00000", "samples", "0000.png")
+    deadline = time.time() + 120
+    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)  # one worker dies mid-run; torchrun restarts the group once
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "exitcode: -9" in err, err[-3000:]  # torchrun saw the killed worker (and started the group again)
+    assert "16/16 complete" in out + err
+    assert run_files(ref) == run_files(run)
+
+
 def test_stages_ar_then_decode_equal_both_at_once(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     both = str(tmp_path / "both")
