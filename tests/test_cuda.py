@@ -438,3 +438,35 @@ def test_decoder_on_device(device, name, tmp_path):
             (("vae_input", "vae_input_latents"), ("vae_output", "vae_output"))}
     assert (got - png.to(torch.int16)).abs().max().item() <= 1, diag
     assert (got - g["image_uint8"].to(torch.int16)).abs().max().item() <= 1, diag
+
+
+# ---------------------------------------------------------------------------------------------- 7. batch runs
+def test_batch_run_on_device_is_deterministic(device, tmp_path):
+    """``python -m uniar_backend batch`` on the device (the process's device is ``cuda:LOCAL_RANK``): one seed per
+    prompt drawn from a generator on the device, prompts batched with their own streams equal to each alone, and
+    the same command twice gives byte-identical tokens and images."""
+    from conftest import run_cli
+
+    ck, m = device_model("uniar-tiny", device)
+    prompts = ["A red cube on a blue table.", "A cat", "two dogs running on the beach at sunset"]
+    together = api._generate(m, ck, prompts, 64, 64, cfg=2.0, temperature=0.1, seed=[7, 8, 9])
+    for i, s in enumerate([7, 8, 9]):
+        alone = api._generate(m, ck, [prompts[i]], 64, 64, cfg=2.0, temperature=0.1, seed=s)
+        assert torch.equal(together.indices[i], alone.indices[0]), i
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"idx": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        run_cli("batch", "--model", ckpt_path("uniar-tiny"), "--prompts", str(path), "--out", str(out), "--device",
+                str(device), "--dtype", "float32", "--height", "64", "--width", "64", "--steps", "2",
+                "--samples-per-prompt", "2", "--batch-size", "3")
+        files = {}
+        for d, _, fs in os.walk(out):
+            for f in fs:
+                if not f.startswith("summary"):
+                    files[os.path.relpath(os.path.join(d, f), out)] = open(os.path.join(d, f), "rb").read()
+        runs.append(files)
+    assert len([f for f in runs[0] if f.endswith(".png")]) == 6 and runs[0] == runs[1]
+    runtime = json.loads(runs[0]["uniar_runtime-ar.json"])["runtime"]
+    assert runtime["device_type"] == device.type
