@@ -474,13 +474,14 @@ class Runner:
         return out
 
     def read_tokens(self, jobs: list[Job]) -> list[tuple[Job, object]]:
+        from .errors import UniARError
         from .tokens import VisualTokens
 
         out = []
         for j in jobs:
             try:
                 out.append((j, VisualTokens.load(tokens_path(self.run, j.idx, j.k))))
-            except InputError as e:
+            except UniARError as e:  # missing (its AR stage has not run or failed) or damaged: that sample fails
                 self.fail(j, "decode", e)
         return out
 
