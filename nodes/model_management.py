@@ -18,6 +18,11 @@ included: the loader hands every tensor to the layer's own ``_load_from_state_di
 streams them, evicts them when other models need the memory and reloads them without touching the files.
 The slot lives as long as a handle names it (the node outputs ComfyUI caches), like ComfyUI's own models.
 Devices come from model management (``--cpu``, ``--lowvram``, ``--gpu-only`` respected).
+
+Every patcher made here carries ``cached_patcher_init``: a factory that rebuilds it from the checkpoint files,
+which ComfyUI's multi-GPU support (0.23+: *MultiGPU CFG Split*, *Select Model Device* / *Select VAE Device*) and
+its non-dynamic clones (``clone(disable_dynamic=True)``) call instead of copying loaded weights (see
+"rebuild factories" below).
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ class UniARHandle:
 
     @property
     def name(self) -> str:
-        return os.path.basename(self.path.rstrip("/\\"))
+        return folder_name(self.path)
 
     def checkpoint(self):
         return get_checkpoint(self.path)
@@ -107,6 +112,10 @@ class UniARHandle:
     def __repr__(self):
         w = f", weights={self.weights}" if self.weights else ""
         return f"UniAR({self.name}, dtype={self.dtype}, attention={self.attention}{w})"
+
+
+def folder_name(path: str) -> str:
+    return os.path.basename(path.rstrip("/\\"))
 
 
 _CHECKPOINTS: dict = {}
@@ -187,9 +196,22 @@ def patcher_class():
     return getattr(mp, "CoreModelPatcher", None) or mp.ModelPatcher
 
 
-def _patcher(kind, modules: dict, dtype: torch.dtype):
-    holder = kind(modules, offload_device(), dtype)
-    return patcher_class()(holder, load_device=load_device(), offload_device=offload_device())
+def _new_patcher(model, disable_dynamic: bool = False):
+    """A patcher of ``model`` on the compute device: ``patcher_class()``, or the plain ``ModelPatcher`` that
+    ComfyUI's ``disable_dynamic=True`` asks for (a non-dynamic clone: torch.compile, hooks, Select Model Device's
+    cpu)."""
+    cls = comfy.model_patcher.ModelPatcher if disable_dynamic else patcher_class()
+    return cls(model, load_device=load_device(), offload_device=offload_device())
+
+
+def _patcher(kind, modules: dict, dtype: torch.dtype, disable_dynamic: bool = False):
+    return _new_patcher(kind(modules, offload_device(), dtype), disable_dynamic)
+
+
+def _with_factory(patcher, factory, args: tuple):
+    """Give ``patcher`` its ``cached_patcher_init`` (see "rebuild factories" below)."""
+    patcher.cached_patcher_init = (factory, tuple(args))
+    return patcher
 
 
 def _is_dynamic(patcher) -> bool:
@@ -249,7 +271,7 @@ def ar_model(handle: UniARHandle, components):
     from ..uniar_backend.api import UniAR
 
     want = frozenset(components)
-    ckpt, dev, dtype, key = _resolve(handle)
+    ckpt, _, dtype, key = _resolve(handle)
     slot = handle.slot
     with _LOCK:
         entry = slot.ar
@@ -266,14 +288,9 @@ def ar_model(handle: UniARHandle, components):
                     log.info("UniAR: adding %s to %s (had %s)", sorted(want - have), handle.name, sorted(have))
                     previous = entry["patcher"].model.ar
                 del entry
-            order = [c for c in ("llm", "vision", "lm_head", "gen_head") if c in union]
-            # weights are read onto the offload device; the attention backend is chosen for the compute device
-            model = ckpt.load_ar(components=order, device=offload_device(), compute_device=dev, dtype=dtype,
-                                 attention=handle.attention, ops=comfy_ops(), reuse=previous,
-                                 weights=handle.weights)
+            patcher = ar_patcher(handle.path, dtype, union, handle.attention, handle.weights, reuse=previous)
             del previous
-            slot.ar = {"key": key, "components": frozenset(union),
-                       "patcher": _patcher(UniARAutoregressive, {"ar": model}, model.dtype)}
+            slot.ar = {"key": key, "components": frozenset(union), "patcher": patcher}
         patcher = slot.ar["patcher"]
         _bring_up(patcher)
         return UniAR(ckpt, patcher.model.ar)
@@ -281,9 +298,7 @@ def ar_model(handle: UniARHandle, components):
 
 def decoder_model(handle: UniARHandle):
     """-> (checkpoint, decoder) with its modules on the compute device."""
-    from ..uniar_backend.decoder import load_decoder
-
-    ckpt, dev, dtype, key = _resolve(handle)
+    ckpt, _, dtype, key = _resolve(handle)
     slot = handle.slot
     with _LOCK:
         entry = slot.dec
@@ -292,14 +307,8 @@ def decoder_model(handle: UniARHandle):
                 slot.dec = None
                 _release(entry["patcher"])
                 del entry
-            # weights are read onto the offload device; the attention backend is chosen for the compute device
-            dec = load_decoder(ckpt, device=offload_device(), compute_device=dev, dtype=dtype,
-                               attention=handle.attention, ops=comfy_ops(), weights=handle.weights)
-            modules = {name: getattr(dec, name) for name in ("transformer", "vae", "bsq_proj", "text_encoders")
-                       if isinstance(getattr(dec, name, None), torch.nn.Module)}
-            first = next(iter(modules.values()))
-            dt = next((p.dtype for p in first.parameters() if p.is_floating_point()), torch.float32)
-            slot.dec = {"key": key, "patcher": _patcher(UniARImageDecoder, modules, dt), "decoder": dec}
+            patcher = decoder_patcher(handle.path, dtype, handle.attention, handle.weights)
+            slot.dec = {"key": key, "patcher": patcher, "decoder": patcher.model.uniar_decoder}
         _bring_up(slot.dec["patcher"])
         _set_compute_device(slot.dec["decoder"], slot.dec["patcher"].load_device)
         return ckpt, slot.dec["decoder"]
@@ -308,26 +317,10 @@ def decoder_model(handle: UniARHandle):
 def native_decoder(handle: UniARHandle):
     """-> (MODEL patcher, VAE) of the native route: the checkpoint's DiT as a ComfyUI model and its VAE (both
     halves) as a core VAE (``native_model.py``), read onto the offload device; ComfyUI's samplers and VAE nodes
-    bring them up."""
-    from ..uniar_backend.decoder import components as C
-    from ..uniar_backend.runtime import resolve_attention
-    from .native_model import UniARDiTModel, UniARModelConfig, UniARVAE
-
-    ckpt, dev, dtype, _ = _resolve(handle)
-    root = C.checkpoint_root(ckpt)
-    dt = getattr(torch, dtype)
-    backend = resolve_attention(handle.attention, dev, dt)
-    sched_cfg = C.check_parts(root)  # cheap checks of every part before anything heavy
-    fingerprint = C.read_bsq_fingerprint(root)
-    off = offload_device()
-    dit = C.load_transformer(root, off, dt, backend, weights=handle.weights, compute_device=dev, ops=comfy_ops())
-    vae = C.load_vae(root, off, dt, backend, ops=comfy_ops())
-    encoder = C.load_vae(root, off, dt, backend, ops=comfy_ops(), part="encoder")
-    scale = C.latent_scale(root, dit, vae)
-    config = UniARModelConfig(sched_cfg, vae, scale)
-    model = UniARDiTModel(config, dit, dt, fingerprint, handle.name, device=off)
-    patcher = patcher_class()(model, load_device=dev, offload_device=off)
-    return patcher, UniARVAE(vae, encoder, scale, patcher_class())
+    bring them up.  Both carry their rebuild factory (:func:`native_dit_patcher`, :func:`native_vae_patcher`)."""
+    _, _, dtype, _ = _resolve(handle)
+    patcher = native_dit_patcher(handle.path, dtype, handle.attention, handle.weights)
+    return patcher, native_vae(handle.path, dtype, handle.attention)
 
 
 def conditioner(handle: UniARHandle):
@@ -351,6 +344,117 @@ def unload_all() -> None:
             slot.release()
     gc.collect()
     mm.soft_empty_cache()
+
+
+# --------------------------------------------------------------------------------------------- rebuild factories
+# ComfyUI (0.23+) never copies a loaded model to give it to another device or to make a plain (non-dynamic)
+# patcher of a dynamic one: it calls the loader again through the patcher's ``cached_patcher_init = (factory,
+# args)`` -- ``factory(*args)`` in ``ModelPatcher.deepclone_multigpu`` (MultiGPU CFG Split: one clone per extra
+# GPU; Select Model / VAE Device: a GPU other than the model's), ``factory(*args, disable_dynamic=True)`` in
+# ``ModelPatcher.clone(disable_dynamic=True)`` (a dynamic patcher asked for a plain one) -- and takes the fresh
+# patcher's ``model``.  These are those factories: module functions of strings (folder, dtype resolved for the
+# first device, attention, weight format), so storing them costs nothing and a rebuild reads the same files with
+# the same options; the caller sets the clone's load device.  On releases without multi-GPU support (0.3.64)
+# nothing reads the attribute.
+
+def native_dit_patcher(path: str, dtype: str, attention: str = "auto", weights: str | None = None,
+                       disable_dynamic: bool = False):
+    """The native route's ``MODEL``: the checkpoint's DiT as a :class:`~.native_model.UniARDiTModel` in a patcher
+    whose ``cached_patcher_init`` is this function with these arguments.  Reads the DiT's weights only (the VAE's
+    config gives the latent format)."""
+    from ..uniar_backend.decoder import components as C
+    from .native_model import UniARDiTModel, UniARModelConfig
+
+    root, dev, dt, backend = _native_setup(path, dtype, attention)
+    sched_cfg = C.check_parts(root)  # cheap checks of every part before anything heavy
+    fingerprint = C.read_bsq_fingerprint(root)
+    vae_config, scale = _latent_geometry(root)
+    off = offload_device()
+    dit = C.load_transformer(root, off, dt, backend, weights=weights, compute_device=dev, ops=comfy_ops())
+    model = UniARDiTModel(UniARModelConfig(sched_cfg, vae_config, scale), dit, dt, fingerprint, folder_name(path),
+                          device=off)
+    return _with_factory(_new_patcher(model, disable_dynamic), native_dit_patcher, (path, dtype, attention, weights))
+
+
+def native_vae(path: str, dtype: str, attention: str = "auto", disable_dynamic: bool = False):
+    """The native route's ``VAE`` (:class:`~.native_model.UniARVAE`, both halves); its patcher's factory is
+    :func:`native_vae_patcher` (core's VAE loader does the same with ``comfy.sd.load_vae_patcher``)."""
+    from ..uniar_backend.decoder import components as C
+    from .native_model import UniARVAE
+
+    root, _, dt, backend = _native_setup(path, dtype, attention)
+    _, scale = _latent_geometry(root)
+    off = offload_device()
+    decoder = C.load_vae(root, off, dt, backend, ops=comfy_ops())
+    encoder = C.load_vae(root, off, dt, backend, ops=comfy_ops(), part="encoder")
+    cls = comfy.model_patcher.ModelPatcher if disable_dynamic else patcher_class()
+    vae = UniARVAE(decoder, encoder, scale, cls)
+    _with_factory(vae.patcher, native_vae_patcher, (path, dtype, attention))
+    return vae
+
+
+def native_vae_patcher(path: str, dtype: str, attention: str = "auto", disable_dynamic: bool = False):
+    """The factory of the native VAE's patcher: a fresh :func:`native_vae`'s patcher (its ``model`` is what
+    Select VAE Device makes the VAE's ``first_stage_model``)."""
+    return native_vae(path, dtype, attention, disable_dynamic).patcher
+
+
+def ar_patcher(path: str, dtype: str, components, attention: str = "auto", weights: str | None = None,
+               disable_dynamic: bool = False, reuse=None):
+    """The AR model of ``components`` in a patcher; its factory is this function without ``reuse`` (the tensors
+    of an already loaded model to take over, see :func:`ar_model`), so a rebuild reads every component."""
+    order = tuple(c for c in AR_COMPONENTS if c in components)
+    # weights are read onto the offload device; the attention backend is chosen for the compute device
+    model = get_checkpoint(path).load_ar(components=list(order), device=offload_device(),
+                                         compute_device=load_device(), dtype=dtype, attention=attention,
+                                         ops=comfy_ops(), reuse=reuse, weights=weights)
+    patcher = _patcher(UniARAutoregressive, {"ar": model}, model.dtype, disable_dynamic)
+    return _with_factory(patcher, ar_patcher, (path, dtype, order, attention, weights))
+
+
+def decoder_patcher(path: str, dtype: str, attention: str = "auto", weights: str | None = None,
+                    disable_dynamic: bool = False):
+    """UniAR Decode's decoder (DiT + VAE + BSQ projections) in one patcher; the backend's decoder object is
+    ``patcher.model.uniar_decoder``."""
+    from ..uniar_backend.decoder import load_decoder
+
+    # weights are read onto the offload device; the attention backend is chosen for the compute device
+    dec = load_decoder(get_checkpoint(path), device=offload_device(), compute_device=load_device(), dtype=dtype,
+                       attention=attention, ops=comfy_ops(), weights=weights)
+    modules = {name: getattr(dec, name) for name in ("transformer", "vae", "bsq_proj", "text_encoders")
+               if isinstance(getattr(dec, name, None), torch.nn.Module)}
+    first = next(iter(modules.values()))
+    dt = next((p.dtype for p in first.parameters() if p.is_floating_point()), torch.float32)
+    patcher = _patcher(UniARImageDecoder, modules, dt, disable_dynamic)
+    patcher.model.uniar_decoder = dec  # a plain attribute (not a module): its modules are the holder's children
+    return _with_factory(patcher, decoder_patcher, (path, dtype, attention, weights))
+
+
+AR_COMPONENTS = ("llm", "vision", "lm_head", "gen_head")  # the AR components in load order
+
+
+def _native_setup(path: str, dtype: str, attention: str):
+    """-> (decoder root folder, compute device, torch dtype, DiT attention backend) of the native route."""
+    from ..uniar_backend.decoder import components as C
+    from ..uniar_backend.runtime import resolve_attention
+
+    dev = load_device()
+    dt = getattr(torch, dtype)
+    return C.checkpoint_root(get_checkpoint(path)), dev, dt, resolve_attention(attention, dev, dt)
+
+
+def _latent_geometry(root: str):
+    """-> (the VAE's config, pixels per latent cell) without reading weights (the config as the VAE reads it, from
+    a VAE decoder built on the meta device), the VAE's latent channels checked against the DiT's."""
+    from types import SimpleNamespace
+
+    from ..uniar_backend.decoder import components as C
+    from ..uniar_backend.decoder.vae import VAEDecoder
+
+    with torch.device("meta"):
+        config = VAEDecoder(C.read_vae_config(root)).config
+    dit = SimpleNamespace(config=SimpleNamespace(in_channels=C.read_transformer_config(root)["in_channels"]))
+    return config, C.latent_scale(root, dit, SimpleNamespace(config=config))
 
 
 # --------------------------------------------------------------------------------------------- progress, cancel

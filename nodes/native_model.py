@@ -12,7 +12,9 @@ what its samplers and VAE nodes read:
   halves (the checkpoint's SD3 VAE, whatever its size).
 
 Both are wrapped by the patcher ComfyUI uses for its own models, so loading, offloading, low-VRAM streaming,
-previews, progress and cancel all come from ComfyUI.
+previews, progress and cancel all come from ComfyUI.  Their patchers carry a rebuild factory
+(``cached_patcher_init``, ``model_management.native_dit_patcher`` / ``native_vae_patcher``), so ComfyUI's
+multi-GPU nodes (MultiGPU CFG Split, Select Model / VAE Device) can clone them onto other devices.
 """
 
 from __future__ import annotations
@@ -61,12 +63,12 @@ class UniARModelConfig(comfy.supported_models_base.BASE):
     memory_usage_factor = 1.6  # as ComfyUI's SD3.5 (same MMDiT)
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 
-    def __init__(self, scheduler_config: dict, vae, vae_scale: int):
+    def __init__(self, scheduler_config: dict, vae_config, vae_scale: int):
         super().__init__({"disable_unet_model_creation": True})
         self.scheduler_config = dict(scheduler_config)
         self.sampling_settings = {"shift": float(scheduler_config.get("shift", 1.0)),
                                   "multiplier": float(scheduler_config.get("num_train_timesteps", 1000))}
-        c = vae.config  # the backend VAE's config: scaling, shift, latent channels
+        c = vae_config  # the backend VAE's config (``vae.config``): scaling, shift, latent channels
         self.latent_format = UniARLatentFormat(c.scaling_factor, c.shift_factor or 0.0, c.latent_channels, vae_scale)
 
 
@@ -98,7 +100,14 @@ class _ComfyDiT(torch.nn.Module):
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         condition = self.dit.condition(context, y, uniar_siglip, grid,
                                        tuple(uniar_token_grid) if uniar_token_grid is not None else None)
-        return self.dit(x, timestep=timesteps, condition=condition)[0]
+        attention = self.dit.attention
+        if attention == "flash_attention_2" and x.device.type != "cuda":
+            # chosen for the loader's GPU, run elsewhere (Select Model Device cpu): flash-attn is CUDA only
+            self.dit.attention = "sdpa"
+        try:
+            return self.dit(x, timestep=timesteps, condition=condition)[0]
+        finally:
+            self.dit.attention = attention
 
 
 class UniARDiTModel(comfy.model_base.BaseModel):
