@@ -370,3 +370,15 @@ def test_launch_from_env():
     for env in ({"RANK": "4", "WORLD_SIZE": "4"}, {"WORLD_SIZE": "x"}, {"RANK": "0", "WORLD_SIZE": "0"}):
         with pytest.raises(InputError):
             launch_from_env(env)
+
+
+def test_help_names_upstreams_defaults():
+    proc = run_cli("batch", "--help", check=False)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "Defaults are those of upstream's inference/generate_batch.py (cfg 2.0, temperature 0.1, 4 samples" in text
+    assert "torchrun --nproc_per_node N -m uniar_backend batch" in text
+    from uniar_backend.batch import DEFAULTS
+
+    assert DEFAULTS == {"height": 512, "width": 512, "cfg": 2.0, "temperature": 0.1, "samples_per_prompt": 4,
+                        "batch_size": 8, "steps": 28, "guidance": 1.5, "upsampling_ratio": 2.0, "seed": 0}

@@ -589,16 +589,16 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
         "batch", parents=[common], help="many images from a JSONL of prompts (deterministic, resumable, torchrun)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Generate (and decode) images for every record of a JSONL file, several samples each, into "
-                    "upstream's run layout (RUN/<idx:05d>/samples/<k:04d>.png). Defaults are those of upstream's "
-                    "inference/generate_batch.py (cfg 2.0, temperature 0.1, 4 samples per prompt, 512x512, "
-                    "upsampling ratio 2.0, 28 decoder steps, guidance 1.5, batch 8), so an evaluation run "
-                    "reproduces its setting.",
-        epilog="Every sample has its own seed (derived from --seed, idx and sample; metadata.json names it), so the "
-               "files are the same for any number of processes and after any interruption: rerun the same command "
-               "to resume.\n\nSeveral GPUs / machines:\n"
+        description="Generate (and decode) images for every record of a JSONL file, several samples each, into\n"
+                    "upstream's run layout (RUN/<idx:05d>/samples/<k:04d>.png, plus tokens/ and metadata.json).\n"
+                    "Defaults are those of upstream's inference/generate_batch.py (cfg 2.0, temperature 0.1,\n"
+                    "4 samples per prompt, 512x512, upsampling ratio 2.0, 28 decoder steps, guidance 1.5,\n"
+                    "batch 8), so an evaluation run reproduces its setting.",
+        epilog="Every sample has its own seed (derived from --seed, idx and sample; metadata.json names it), so\n"
+               "the files are the same for any number of processes and after any interruption: rerun the same\n"
+               "command to resume.\n\nSeveral GPUs / machines:\n"
                "  torchrun --nproc_per_node N -m uniar_backend batch ...\n"
-               "  accelerate launch -m uniar_backend batch ...\n"
+               "  accelerate launch --multi_gpu --num_processes N -m uniar_backend batch ...\n"
                "Small GPU: --stages ar for all, then --stages decode for all (one model resident at a time).")
     p.add_argument("--model", required=True, help="UniAR checkpoint folder")
     p.add_argument("--prompts", required=True, help="JSONL: {\"idx\": int, \"prompt\": str, \"meta\": {...}} per line")
