@@ -517,7 +517,7 @@ class Runner:
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # the batch fails; the run goes on with the next one
-            from .cli import is_out_of_memory
+            from .errors import is_out_of_memory
 
             if is_out_of_memory(e):
                 e = InputError(f"out of memory in a batch of {len(batch.jobs)}; lower --batch-size or the size")

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .cli_common import add_generate_args, load_components, run_generate, terminal_progress
-from .errors import UniARError
+from .errors import UniARError, is_out_of_memory
 from .limits import ATTENTION_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, IMAGE_FORMATS
 from .quant import FORMATS as WEIGHT_FORMATS
 
@@ -271,16 +271,6 @@ def main(argv=None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return int(rc or 0)
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """torch reports exhausted memory as MemoryError, torch.OutOfMemoryError (CUDA / MPS) or a RuntimeError of the
-    CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
-    if isinstance(e, MemoryError):
-        return True
-    name = type(e).__name__
-    text = str(e)
-    return name == "OutOfMemoryError" or "out of memory" in text.lower() or "can't allocate memory" in text
 
 
 def _first_line(e: BaseException) -> str:

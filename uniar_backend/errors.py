@@ -22,3 +22,13 @@ class InputError(UniARError, ValueError):
 
 class TokenError(UniARError):
     """Visual tokens are malformed or were produced by an incompatible model."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch reports exhausted memory as MemoryError, torch.OutOfMemoryError (CUDA / MPS) or a RuntimeError of the
+    CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(e, MemoryError):
+        return True
+    name = type(e).__name__
+    text = str(e)
+    return name == "OutOfMemoryError" or "out of memory" in text.lower() or "can't allocate memory" in text
