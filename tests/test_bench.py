@@ -75,6 +75,8 @@ def test_real_size_phases_shrunk_on_cpu():
     assert set(res["ar"]) == {"fast", "reference"}
     assert res["ar"]["fast"]["steps"] == 4 and res["ar"]["reference"]["steps"] == 2
     assert res["weights"] == "bf16" and "ar_layers_quantised" not in res
+    assert res["ar_batch"]["steps"] == 4 and set(res["ar_batch"]["images_per_min"]) == {"1", "4", "8"}
+    assert set(res["ar_batch"]["batch_speedup"]) == {"4", "8"}
 
 
 def test_real_size_weight_format_shrunk_on_cpu():

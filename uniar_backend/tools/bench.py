@@ -4,7 +4,8 @@
     python -m uniar_backend.bench --steps 900 --repeats 1
     python -m uniar_backend.bench --json           # one JSON object per run + a summary line
     python -m uniar_backend.bench --batch-size 4,8 --json   # images/min at batch 1, 4, 8 (256x256), batch_speedup
-    python -m uniar_backend.bench --real-size      # GPU: real UniAR sizes, bf16 (bandwidth / matmul ceilings, DiT)
+    python -m uniar_backend.bench --real-size      # GPU: real UniAR sizes, bf16 (bandwidth / matmul ceilings, DiT,
+                                                   # images/min of batched AR at batch 1, 4, 8)
     PYTHONPATH=<ComfyUI> <ComfyUI python> -m uniar_backend.bench --ops comfy --json   # plain vs ComfyUI layers
 
 Proportionate config (CPU): the real model's proportions scaled down, random weights (``synthetic``): LLM : stack
@@ -224,10 +225,51 @@ def run_ab(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- batch throughput
+class BatchTimer:
+    """Batches of 1..max(sizes) prompts of one random prefix (their conditional rows, then their empty-prompt rows),
+    sampled by the fast path with one seed per prompt, as the batch runner does (``uniar_backend.batch``)."""
+
+    def __init__(self, model, rows: int, cols: int, sizes, seed: int = 0, cfg: float = 2.0, **options):
+        self.model, self.cfg, self.options = model, cfg, options
+        self.sizes = [1] + [b for b in sizes if b != 1]
+        self.biggest = max(self.sizes)
+        self.full = make_prefix(model, rows, cols, seed=seed, batch=self.biggest)
+        self.seeds = [seed + i for i in range(self.biggest)]
+
+    def prefix(self, b: int, first: int = 0) -> Prefix:
+        """Prompts ``first`` .. ``first + b - 1`` (their conditional rows, then their empty-prompt rows)."""
+        n, f = self.biggest, self.full
+        pick = list(range(first, first + b)) + list(range(n + first, n + first + b))
+        return Prefix(embeds=f.embeds[pick], mask=f.mask[pick], positions=f.positions[:, pick], num_tokens=f.num_tokens)
+
+    def sample(self, b: int, first: int = 0):
+        return sample(self.model, self.prefix(b, first), self.cfg, 1.0, self.seeds[first : first + b], "fast",
+                      **self.options)
+
+    def seconds(self, b: int) -> float:
+        dev = self.model.device
+        _sync(dev)
+        t0 = time.perf_counter()
+        self.sample(b)
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    def agreement(self) -> dict[int, float]:
+        """Per batch size, the share of each row's tokens equal to its prompt sampled alone with its seed: the same
+        draws, but rows computed together round differently in the last bits (other GEMM shapes), which can flip a
+        token and let the rest of that image diverge."""
+        alone = [self.sample(1, i)[0] for i in range(self.biggest)]
+        out = {}
+        for b in self.sizes:
+            bits = self.sample(b)
+            out[b] = sum(float((bits[i] == alone[i]).all(-1).all(-1).all(-1).float().mean()) for i in range(b)) / b
+        return out
+
+
 def run_batches(args) -> dict:
     """Images/min of the fast sampler at batch 1 and at each ``--batch-size`` (the batch runner's AR forward: one
     seed per prompt), interleaved repeats, same model and run; ``batch_speedup`` = images/min at B / at 1.  Also
-    checks that every row of a batch drew the tokens it draws alone with its seed."""
+    how many tokens of every row equal its prompt drawn alone with its seed."""
     dev = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     cfg = (synthetic.make_config(hidden=64, layers=4, stack_depth=2, heads=4, kv_heads=2, head_dim=16,
@@ -235,48 +277,28 @@ def run_batches(args) -> dict:
            else synthetic.proportionate_config())
     model = synthetic.random_model(cfg, ("llm", "vision", "gen_head"), dev, dtype, seed=args.seed)
     rows, cols = grid_for(args.steps)
-    sizes = [1] + [b for b in args.batch_size if b != 1]
-    biggest = max(sizes)
-    full = make_prefix(model, rows, cols, seed=args.seed, batch=biggest)
-
-    def prefix_of(b, first=0):  # prompts first..first+b-1 of the batch (conditional rows, then their empty rows)
-        pick = list(range(first, first + b)) + list(range(biggest + first, biggest + first + b))
-        return Prefix(embeds=full.embeds[pick], mask=full.mask[pick], positions=full.positions[:, pick],
-                      num_tokens=full.num_tokens)
-
-    seeds = [args.seed + i for i in range(biggest)]
+    timer = BatchTimer(model, rows, cols, args.batch_size, args.seed, cpu_warm=WARM_SETTINGS[args.cpu_warm])
+    sizes = timer.sizes
     if not args.json:
         print(f"# machine: {machine()}")
         print(f"# model: proportionate random UniAR ({args.dtype}, {dev}); image {rows}x{cols} tokens = "
               f"{rows * 32}x{cols * 32} px, CFG; batch sizes {sizes}; AR tokens only (the decoder batches alike)")
-    options = {"cpu_warm": WARM_SETTINGS[args.cpu_warm]}
     warm = make_prefix(model, *grid_for(min(args.steps, 16)), seed=args.seed)
-    sample(model, warm, 1.5, 1.0, [args.seed], "fast", **options)
+    sample(model, warm, 1.5, 1.0, [args.seed], "fast", **timer.options)
     runs: dict[int, list] = {b: [] for b in sizes}
     for r in range(args.repeats):
         for b in (sizes if r % 2 == 0 else sizes[::-1]):
-            p = prefix_of(b)
-            _sync(dev)
-            t0 = time.perf_counter()
-            bits = sample(model, p, 2.0, 1.0, seeds[:b], "fast", **options)
-            _sync(dev)
-            sec = time.perf_counter() - t0
+            sec = timer.seconds(b)
             runs[b].append(sec)
             rec = {"batch_size": b, "repeat": r, "seconds": round(sec, 4), "images_per_min": round(60 * b / sec, 2)}
             _emit(args, rec, f"batch {b:3d} repeat {r}: {sec:7.3f} s  {rec['images_per_min']:8.1f} images/min")
-    # each row against its prompt alone with its seed: the same draws; rows computed together round differently
-    # in the last bits (other GEMM shapes), which can flip a token and let the rest of that image diverge
-    alone = [sample(model, prefix_of(1, i), 2.0, 1.0, seeds[i : i + 1], "fast", **options)[0] for i in range(biggest)]
-    agree = {}
-    for b in sizes:
-        bits = sample(model, prefix_of(b), 2.0, 1.0, seeds[:b], "fast", **options)
-        agree[b] = sum(float((bits[i] == alone[i]).all(-1).all(-1).all(-1).float().mean()) for i in range(b)) / b
+    agree = timer.agreement()
     per_min = {b: 60 * b / statistics.median(runs[b]) for b in sizes}
     summary = {"summary": True, "steps": args.steps, "image_px": [rows * 32, cols * 32],
                "images_per_min": {str(b): round(v, 2) for b, v in per_min.items()},
                "batch_speedup": {str(b): round(per_min[b] / per_min[1], 3) for b in sizes if b != 1},
-               "tokens_equal_alone": {str(b): round(v, 4) for b, v in agree.items()}, "repeats": args.repeats, "threads": torch.get_num_threads(),
-               "device": str(dev), "machine": machine()}
+               "tokens_equal_alone": {str(b): round(v, 4) for b, v in agree.items()}, "repeats": args.repeats,
+               "threads": torch.get_num_threads(), "device": str(dev), "machine": machine()}
     text = ("summary: images/min " + ", ".join(f"batch {b}: {v:.1f}" for b, v in per_min.items()) + "; speedup "
             + ", ".join(f"{b}: {summary['batch_speedup'][str(b)]:.2f}x" for b in sizes if b != 1)
             + "; tokens equal to each prompt alone: " + ", ".join(f"{b}: {v:.1%}" for b, v in agree.items()))
@@ -493,6 +515,16 @@ def run_real(args) -> dict:
                     "bits": bits}
         say(f"AR {name:18s}: {ms:8.2f} ms/step over {n_steps} steps = {ms / floor_ms:5.2f}x the bandwidth floor; "
             f"{total:.2f} s; peak {'VRAM' if dev.type == 'cuda' else 'RSS'} {ar[name]['peak_mb']:.0f} MB")
+    # the batch runner's AR forward at the real sizes: images/min at batch 1 and at --batch-size (default 4, 8)
+    bsteps = min(steps, 64)
+    timer = BatchTimer(model, *grid_for(bsteps), args.batch_size or [4, 8], args.seed)
+    timer.sample(1)  # warm-up at this shape
+    per_min = {b: 60 * b / timer.seconds(b) for b in timer.sizes}
+    res["ar_batch"] = {"steps": bsteps, "images_per_min": {str(b): round(v, 2) for b, v in per_min.items()},
+                       "batch_speedup": {str(b): round(v / per_min[1], 3) for b, v in per_min.items() if b != 1}}
+    say("AR batch (" + f"{bsteps} steps, CFG): " + ", ".join(f"batch {b}: {v:.1f} images/min" for b, v in
+                                                            per_min.items()))
+    del timer
     if "fast+cuda_graph" in ar:
         res["cuda_graph_tokens_identical_to_eager"] = bool(torch.equal(ar["fast"]["bits"],
                                                                        ar["fast+cuda_graph"]["bits"]))

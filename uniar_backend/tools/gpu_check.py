@@ -239,8 +239,9 @@ def markdown(s: dict) -> str:
         lines.append(f"- `{name}`: {outcome}")
     lines += ["", "**Speed per weight format** (real sizes" + (", shrunk 32x on the CPU" if s["cpu_dry_run"] else "")
               + ")", "",
-              "| format | status | AR ms/step eager | AR ms/step CUDA graph | floor ms | AR peak MB | DiT ms/step "
-              "(CFG) | DiT peak MB | VAE ms | end to end s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| format | status | AR ms/step eager | AR ms/step CUDA graph | floor ms | AR peak MB | AR images/min at "
+              "batch 1 / 4 / 8 | DiT ms/step (CFG) | DiT peak MB | VAE ms | end to end s |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for fmt, r in s["formats"].items():
         x = r.get("result") or {}
         ar = x.get("ar", {})
@@ -248,9 +249,11 @@ def markdown(s: dict) -> str:
         def g(d, k):
             v = d.get(k) if isinstance(d, dict) else None
             return "" if v is None else str(v)
+        per_min = (x.get("ar_batch") or {}).get("images_per_min") or {}
         lines.append(f"| {fmt} | {r['status']} | {g(ar.get('fast', {}), 'ms_per_step')} | "
                      f"{g(ar.get('fast+cuda_graph', {}), 'ms_per_step')} | {g(x, 'ar_floor_ms')} | "
-                     f"{g(ar.get('fast', {}), 'peak_mb')} | {g(x, 'dit_ms_per_step')} | {g(x, 'dit_peak_mb')} | "
+                     f"{g(ar.get('fast', {}), 'peak_mb')} | {' / '.join(str(v) for v in per_min.values())} | "
+                     f"{g(x, 'dit_ms_per_step')} | {g(x, 'dit_peak_mb')} | "
                      f"{g(x, 'vae_ms')} | {g(x, 'end_to_end_seconds')} |")
     c = s["comfyui"]
     lines += ["", f"**ComfyUI budgets**: {c['status']}" + (f" ({c.get('reason')})" if c.get("reason") else "")]
