@@ -87,3 +87,31 @@ def run_cli(*args, check=True, subprocess_=False):
     if check and proc.returncode != 0:
         raise AssertionError(f"CLI failed ({proc.returncode}): {proc.stderr}")
     return proc
+
+
+def run_cli_stderr(args, tty: bool):
+    """``python -m uniar_backend ARGS`` in a subprocess with its stderr on a pseudo-terminal (``tty``) or a pipe;
+    returns (exit status, stderr).  For the progress bars, which only a terminal gets."""
+    import pty
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=ROOT, COLUMNS="120")
+    argv = [sys.executable, "-m", "uniar_backend", *[str(a) for a in args]]
+    if tty:
+        master, slave = pty.openpty()
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave, env=env, cwd=ROOT)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        p.wait(timeout=300)
+        os.close(master)
+        return p.returncode, b"".join(chunks).decode("utf-8", "replace")
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    return r.returncode, r.stderr

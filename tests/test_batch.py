@@ -382,3 +382,15 @@ def test_help_names_upstreams_defaults():
 
     assert DEFAULTS == {"height": 512, "width": 512, "cfg": 2.0, "temperature": 0.1, "samples_per_prompt": 4,
                         "batch_size": 8, "steps": 28, "guidance": 1.5, "upsampling_ratio": 2.0, "seed": 0}
+
+
+def test_progress_bar_per_process_on_a_terminal(tmp_path):
+    from conftest import run_cli_stderr
+
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    args = ["batch", "--model", MODEL, "--prompts", prompts, *SMALL, "--samples-per-prompt", "1", "--batch-size", "2"]
+    rc, err = run_cli_stderr(args + ["--out", str(tmp_path / "a")], tty=True)
+    assert rc == 0, err
+    assert "batch: 100%" in err and "3/3" in err and ("img/s" in err or "s/img" in err), err
+    rc, err = run_cli_stderr(args + ["--out", str(tmp_path / "b")], tty=False)
+    assert rc == 0 and "%" not in err and "[batch] 3/3 images" in err, err

@@ -73,36 +73,7 @@ def test_cli_error_is_one_line(tmp_path):
 def test_progress_bar_on_a_terminal_only(tmp_path):
     """On a terminal (a pseudo-terminal here) the CLI draws tqdm bars with rate and ETA for the AR steps and the
     conversion's bytes; piped, it prints no bar."""
-    import os
-    import pty
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    env = dict(os.environ, PYTHONPATH=ROOT, COLUMNS="120")
-
-    def run(args, tty):
-        if tty:
-            master, slave = pty.openpty()
-            p = subprocess.Popen([sys.executable, "-m", "uniar_backend", *args], stdout=subprocess.PIPE,
-                                 stderr=slave, env=env, cwd=ROOT)
-            os.close(slave)
-            chunks = []
-            while True:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            p.wait(timeout=300)
-            os.close(master)
-            return p.returncode, b"".join(chunks).decode("utf-8", "replace")
-        r = subprocess.run([sys.executable, "-m", "uniar_backend", *args], capture_output=True, text=True, env=env,
-                           cwd=ROOT, timeout=300)
-        return r.returncode, r.stderr
+    from conftest import run_cli_stderr as run
 
     gen = ["generate", "--model", ckpt_path("uniar-tiny"), "--prompt", "a", "--height", "64", "--width", "64",
            "--device", "cpu", "--out", str(tmp_path / "t.safetensors")]

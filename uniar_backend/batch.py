@@ -382,8 +382,10 @@ class Progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
+            from .cli_common import bar_size
+
             self.bar = tqdm(total=total, desc=label, unit="img", position=launch.local_rank, file=sys.stderr,
-                            dynamic_ncols=True, mininterval=0.5)
+                            mininterval=0.5, **bar_size())
         self.label = label
 
     def update(self, n: int, note: str) -> None:

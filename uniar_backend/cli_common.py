@@ -61,16 +61,9 @@ def terminal_progress(label, unit: str = "step", in_bytes: bool = False):
     bytes (downloads, conversions), shown as KiB / MiB / GiB and their rate."""
     if not sys.stderr.isatty():
         return None
-    import os
-
     from tqdm import tqdm  # a dependency of transformers and huggingface_hub; imported only for a terminal
 
-    try:
-        size = os.get_terminal_size(sys.stderr.fileno())
-    except (OSError, ValueError):
-        size = os.terminal_size((0, 0))
-    # a terminal that reports no size (a bare pseudo-terminal: 0 x 0) would get no bar at all: 100 x 24
-    width = {"dynamic_ncols": True} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 24}
+    width = bar_size()
     state: dict = {}
 
     def cb(done, total):
@@ -87,3 +80,15 @@ def terminal_progress(label, unit: str = "step", in_bytes: bool = False):
             bar.close()
 
     return cb
+
+
+def bar_size() -> dict:
+    """tqdm's size options for stderr's terminal: follow its width, or 100 x 24 where it reports none (a bare
+    pseudo-terminal says 0 x 0, which would draw no bar at all)."""
+    import os
+
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        size = os.terminal_size((0, 0))
+    return {"dynamic_ncols": True} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 24}
