@@ -187,21 +187,22 @@ class UniARImageDecoder(_Holder):
     """The SD3 image decoder: DiT + VAE + BSQ projections."""
 
 
-def patcher_class():
+def patcher_class(disable_dynamic: bool = False):
     """The patcher ComfyUI uses for its own models: ``CoreModelPatcher`` where it exists (0.28+: it is
     ``ModelPatcherDynamic`` when dynamic VRAM is on, which streams weights on demand and evicts other models only
     as far as needed; on a CPU load device that class hands back a plain ``ModelPatcher`` itself), else the
-    ``ModelPatcher`` of older releases.  Read at call time: ComfyUI's ``main.py`` sets it at start-up."""
+    ``ModelPatcher`` of older releases.  Read at call time: ComfyUI's ``main.py`` sets it at start-up.
+    ``disable_dynamic``: the plain ``ModelPatcher`` that ComfyUI's rebuild factories are asked for (a non-dynamic
+    clone: torch.compile, hooks, Select Model Device's cpu)."""
     mp = comfy.model_patcher
+    if disable_dynamic:
+        return mp.ModelPatcher
     return getattr(mp, "CoreModelPatcher", None) or mp.ModelPatcher
 
 
 def _new_patcher(model, disable_dynamic: bool = False):
-    """A patcher of ``model`` on the compute device: ``patcher_class()``, or the plain ``ModelPatcher`` that
-    ComfyUI's ``disable_dynamic=True`` asks for (a non-dynamic clone: torch.compile, hooks, Select Model Device's
-    cpu)."""
-    cls = comfy.model_patcher.ModelPatcher if disable_dynamic else patcher_class()
-    return cls(model, load_device=load_device(), offload_device=offload_device())
+    """A patcher of ``model`` on the compute device (:func:`patcher_class`)."""
+    return patcher_class(disable_dynamic)(model, load_device=load_device(), offload_device=offload_device())
 
 
 def _patcher(kind, modules: dict, dtype: torch.dtype, disable_dynamic: bool = False):
@@ -387,8 +388,7 @@ def native_vae(path: str, dtype: str, attention: str = "auto", disable_dynamic: 
     off = offload_device()
     decoder = C.load_vae(root, off, dt, backend, ops=comfy_ops())
     encoder = C.load_vae(root, off, dt, backend, ops=comfy_ops(), part="encoder")
-    cls = comfy.model_patcher.ModelPatcher if disable_dynamic else patcher_class()
-    vae = UniARVAE(decoder, encoder, scale, cls)
+    vae = UniARVAE(decoder, encoder, scale, patcher_class(disable_dynamic))
     _with_factory(vae.patcher, native_vae_patcher, (path, dtype, attention))
     return vae
 

@@ -100,14 +100,7 @@ class _ComfyDiT(torch.nn.Module):
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         condition = self.dit.condition(context, y, uniar_siglip, grid,
                                        tuple(uniar_token_grid) if uniar_token_grid is not None else None)
-        attention = self.dit.attention
-        if attention == "flash_attention_2" and x.device.type != "cuda":
-            # chosen for the loader's GPU, run elsewhere (Select Model Device cpu): flash-attn is CUDA only
-            self.dit.attention = "sdpa"
-        try:
-            return self.dit(x, timestep=timesteps, condition=condition)[0]
-        finally:
-            self.dit.attention = attention
+        return self.dit(x, timestep=timesteps, condition=condition)[0]  # flash-attn off CUDA: SDPA (layers.attention)
 
 
 class UniARDiTModel(comfy.model_base.BaseModel):

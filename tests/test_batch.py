@@ -201,19 +201,30 @@ def test_two_processes_give_the_same_files(tmp_path, engine):
     assert sorted(r["images"] for r in ranks) == [4, 5]  # 5 batches of 2, 2, 2, 2, 1: rank 0 takes 0, 2, 4
 
 
-def test_sigkill_then_the_same_command_completes_identically(tmp_path):
+KILL_ARGS = ["--samples-per-prompt", "2", "--batch-size", "2", "--height", "96", "--width", "96", "--steps", "4"]
+
+
+def started_run(tmp_path, launcher, text=False):
+    """An uninterrupted reference run of 8 prompts x 2 samples (``ref``), and the same run started under
+    ``launcher`` (``-m uniar_backend`` or a torchrun prefix) into ``run``, returned once its first image exists:
+    (prompts, ref, run, the running process)."""
     prompts = write_prompts(tmp_path / "p.jsonl", [{"idx": i, "prompt": f"prompt number {i}"} for i in range(8)])
-    args = ["--samples-per-prompt", "2", "--batch-size", "2", "--height", "96", "--width", "96", "--steps", "4"]
     ref = str(tmp_path / "ref")
-    run_cli("batch", "--model", MODEL, "--prompts", prompts, "--out", ref, *args)
+    run_cli("batch", "--model", MODEL, "--prompts", prompts, "--out", ref, *KILL_ARGS)
     run = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "uniar_backend", "batch", "--model", MODEL, "--prompts", prompts, "--out", run,
-           *args]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = [sys.executable, *launcher, "-m", "uniar_backend", "batch", "--model", MODEL, "--prompts", prompts,
+           "--out", run, *KILL_ARGS]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=text)
     first = os.path.join(run, "00000", "samples", "0000.png")
     deadline = time.time() + 120
     while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
+    return prompts, ref, run, proc
+
+
+def test_sigkill_then_the_same_command_completes_identically(tmp_path):
+    prompts, ref, run, proc = started_run(tmp_path, [])
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     done = len([1 for d, _, fs in os.walk(run) for f in fs if f.endswith(".png")])
@@ -222,12 +233,12 @@ def test_sigkill_then_the_same_command_completes_identically(tmp_path):
     stale = os.path.join(run, "00007", "samples", ".0001.png.uniar-partial.abc123")
     os.makedirs(os.path.dirname(stale), exist_ok=True)
     open(stale, "wb").write(b"half a png")
-    proc = run_cli("batch", "--model", MODEL, "--prompts", prompts, "--out", run, *args)
+    proc = run_cli("batch", "--model", MODEL, "--prompts", prompts, "--out", run, *KILL_ARGS)
     assert "16/16 complete" in proc.stdout
     assert not os.path.exists(stale)
     assert run_files(ref) == run_files(run)
     # and once complete, the same command does nothing
-    assert "0 images" in run_cli("batch", "--model", MODEL, "--prompts", prompts, "--out", run, *args).stdout
+    assert "0 images" in run_cli("batch", "--model", MODEL, "--prompts", prompts, "--out", run, *KILL_ARGS).stdout
 
 
 def _children(pid):
@@ -245,19 +256,8 @@ def _children(pid):
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc")
 def test_torchrun_max_restarts_finishes_a_run_after_a_killed_worker(tmp_path):
-    prompts = write_prompts(tmp_path / "p.jsonl", [{"idx": i, "prompt": f"prompt number {i}"} for i in range(8)])
-    args = ["--samples-per-prompt", "2", "--batch-size", "2", "--height", "96", "--width", "96", "--steps", "4"]
-    ref = str(tmp_path / "ref")
-    run_cli("batch", "--model", MODEL, "--prompts", prompts, "--out", ref, *args)
-    run = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
-           "1", "-m", "uniar_backend", "batch", "--model", MODEL, "--prompts", prompts, "--out", run, *args]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    first = os.path.join(run, "00000", "samples", "0000.png")
-    deadline = time.time() + 120
-    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    _, ref, run, proc = started_run(tmp_path, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                               "--max-restarts", "1"], text=True)
     workers = _children(proc.pid)
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGKILL)  # one worker dies mid-run; torchrun restarts the group once

@@ -16,7 +16,7 @@ from . import prompting
 from .errors import InputError
 from .preprocess import prepare_edit_image, processor_patches
 from .sampling import Prefix, generate_text, image_sampler, sample, text_sampler
-from .limits import TOKEN_PIXELS, check_generation, check_sampling, check_seed, check_size  # noqa: F401
+from .limits import TOKEN_PIXELS, check_generation, check_sampling, check_seed, check_size, seed_list  # noqa: F401
 from .tokens import VisualTokens
 
 
@@ -213,15 +213,10 @@ def _generate(model, ckpt, prompts, height: int, width: int, cfg: float = 1.5, t
     draws from its own stream exactly what it draws alone with that seed (batch runs: :mod:`uniar_backend.batch`).
 
     ``preview``: see :func:`uniar_backend.sampling.sample` (the bits drawn so far, every ``preview.every`` steps)."""
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else None
-    prompts = check_generate_args(prompts, height, width, cfg, temperature, seeds[0] if seeds else seed, mode)
+    prompts = check_generate_args(prompts, height, width, cfg, temperature, seed, mode)
     _need(model, "llm", "gen_head")
     B = len(prompts)
-    if seeds is not None:
-        if len(seeds) != B:
-            raise InputError(f"{len(seeds)} seeds for {B} prompt(s); give one seed, or one per prompt")
-        for s in seeds:
-            check_seed(s)
+    seeds = seed_list(seed, B, "prompt(s)")
     edit = _edit_inputs(model, ckpt, B, edit_images, edit_tokens)
     if edit is None and edit_images is not None:
         edit = _edit_image_inputs(model, ckpt, B, edit_images, height, width)

@@ -132,23 +132,13 @@ def outputs(run: str, job: Job, stages) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- atomic files
 def write_atomic(path: str, write) -> None:
-    """``write(tmp)`` to ``.<name>.uniar-partial.<random>`` next to ``path``, then rename over ``path``.  A killed
-    process leaves only such hidden files, which :func:`remove_partials` deletes before the batch is redone."""
-    import tempfile
+    """``write(tmp)`` through :func:`uniar_backend.fileio.atomic_path`, its temporary file named
+    ``.<name>.uniar-partial.<random>``: a killed process leaves only such hidden files (never ``*.png``), which
+    :func:`remove_partials` can tell apart and deletes before the batch is redone."""
+    from .fileio import atomic_path
 
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + TEMP_TAG, dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path, prefix="." + os.path.basename(path) + TEMP_TAG, suffix="") as tmp:
         write(tmp)
-        from .fileio import new_file_mode
-
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_json(path: str, data) -> None:
@@ -162,15 +152,19 @@ def write_json(path: str, data) -> None:
 
 
 def remove_partials(paths) -> None:
-    """Leftovers of a killed writer of these files (only the owner of a batch writes its files)."""
+    """Leftovers of a killed writer of these files (only the owner of a batch writes its files); each folder is
+    listed once."""
+    by_folder: dict[str, set[str]] = {}
     for path in paths:
         folder, name = os.path.split(path)
+        by_folder.setdefault(folder, set()).add("." + name + TEMP_TAG)
+    for folder, prefixes in by_folder.items():
         try:
             entries = os.listdir(folder)
         except OSError:
             continue
         for e in entries:
-            if e.startswith("." + name + TEMP_TAG):
+            if e.partition(TEMP_TAG)[0] + TEMP_TAG in prefixes:
                 try:
                     os.unlink(os.path.join(folder, e))
                 except OSError:
@@ -274,7 +268,7 @@ def launch_from_env(env=os.environ) -> Launch:
 
     world = num("WORLD_SIZE", 1)
     rank = num("RANK", 0)
-    local = num("LOCAL_RANK", rank if world > 1 and "LOCAL_RANK" not in env else 0)
+    local = num("LOCAL_RANK", rank)  # a launcher that sets no LOCAL_RANK: one machine
     if world < 1 or not 0 <= rank < world or local < 0:
         raise InputError(f"RANK={rank} / WORLD_SIZE={world} / LOCAL_RANK={local} are inconsistent; start the "
                          "processes with torchrun or accelerate launch")
@@ -402,8 +396,8 @@ class Progress:
 
 # ---------------------------------------------------------------------------------------------- the run
 class Runner:
-    def __init__(self, args, stages, records, batches, launch, device, settings):
-        self.args, self.stages, self.records, self.launch = args, stages, records, launch
+    def __init__(self, args, stages, ckpt, batches, launch, device, settings):
+        self.args, self.stages, self.ckpt, self.launch = args, stages, ckpt, launch
         self.batches, self.device, self.settings = batches, device, settings
         self.run = args.out
         self.ar = None
@@ -419,12 +413,12 @@ class Runner:
             from .api import UniAR
 
             comps = ("llm", "gen_head") + (("vision",) if a.image_root is not None else ())
-            self.ar = UniAR.load(a.model, comps, device=self.device, dtype=a.dtype, attention=a.attention,
+            self.ar = UniAR.load(self.ckpt, comps, device=self.device, dtype=a.dtype, attention=a.attention,
                                  weights=a.weights)
         if "decode" in self.stages:
             from .decoder import load_decoder
 
-            self.decoder = load_decoder(a.model, device=self.device, dtype=a.dtype, attention=a.attention,
+            self.decoder = load_decoder(self.ckpt, device=self.device, dtype=a.dtype, attention=a.attention,
                                         weights=a.weights)
 
     def complete(self, batch: Batch) -> bool:
@@ -510,6 +504,10 @@ class Runner:
         remove_partials(paths + [failure_path(self.run, j.idx, j.k) for j in batch.jobs])
         self.write_metadata(batch)
         before = len(self.failures)
+
+        def ok(job):  # not failed in this batch so far
+            return all((f["idx"], f["sample"]) != (job.idx, job.k) for f in self.failures[before:])
+
         try:
             if "ar" in self.stages:
                 items = self.ar_stage(batch.jobs)
@@ -523,14 +521,11 @@ class Runner:
 
             if is_out_of_memory(e):
                 e = InputError(f"out of memory in a batch of {len(batch.jobs)}; lower --batch-size or the size")
-            failed = {(f["idx"], f["sample"]) for f in self.failures[before:]}
-            for j in batch.jobs:
-                if (j.idx, j.k) not in failed:
-                    self.fail(j, "+".join(self.stages), e)
+            for j in [j for j in batch.jobs if ok(j)]:
+                self.fail(j, "+".join(self.stages), e)
             return 0
-        failed = {(f["idx"], f["sample"]) for f in self.failures[before:]}
         for j in batch.jobs:  # a sample that succeeds now drops its earlier failure record
-            if (j.idx, j.k) not in failed:
+            if ok(j):
                 try:
                     os.unlink(failure_path(self.run, j.idx, j.k))
                 except FileNotFoundError:
@@ -633,7 +628,6 @@ def check_args(args) -> tuple[str, ...]:
     """Every setting, as generate / decode check them, before anything is read or loaded."""
     from .api import check_generate_args
     from .decoder import check_decode_args, target_size
-    from .limits import check_seed
 
     stages = parse_stages(args.stages)
     if (args.image_root is None) != (args.image_key is None):
@@ -646,7 +640,6 @@ def check_args(args) -> tuple[str, ...]:
         raise InputError(f"--batch-size must be in 1..64, got {args.batch_size}")
     if not 1 <= args.threads <= 1024:
         raise InputError(f"--threads must be in 1..1024, got {args.threads}")
-    check_seed(args.seed)
     edit = (args.height, args.width) if args.image_root is not None else None
     check_generate_args([""] * args.batch_size, args.height, args.width, args.cfg, args.temperature, args.seed,
                         "fast", edit)
@@ -695,7 +688,7 @@ def cmd_batch(args) -> int:
     if runtime["cpu_threads"] is not None:
         torch.set_num_threads(runtime["cpu_threads"])
     try:
-        summary = Runner(args, stages, records, batches, launch, device, settings)()
+        summary = Runner(args, stages, ckpt, batches, launch, device, settings)()
     finally:
         torch.set_num_threads(threads)
     state = run_state(args.out, batches, stages)

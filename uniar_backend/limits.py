@@ -52,12 +52,27 @@ def check_seed(seed) -> None:
         raise InputError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
 
 
+def seed_list(seed, count: int | None = None, what: str = "item(s)") -> list[int] | None:
+    """A seed as the samplers and the decoder take it: one seed (checked; returns None) or a list of one per item
+    (each checked, and ``count`` long when given; returned as a list)."""
+    if not isinstance(seed, (list, tuple)):
+        check_seed(seed)
+        return None
+    seeds = list(seed)
+    if not seeds or (count is not None and len(seeds) != count):
+        raise InputError(f"{len(seeds)} seeds for {count if count is not None else 'the'} {what}; give one seed, or "
+                         "one per item")
+    for s in seeds:
+        check_seed(s)
+    return seeds
+
+
 def check_sampling(cfg, temperature, seed) -> None:
     if not (isinstance(cfg, (int, float)) and math.isfinite(cfg) and 0 <= cfg <= 100):
         raise InputError(f"cfg must be a number in 0..100, got {cfg!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and 0 < temperature <= 100):
         raise InputError(f"temperature must be in (0, 100], got {temperature!r}")
-    check_seed(seed)
+    seed_list(seed)
 
 
 def check_generation(batch: int, height: int, width: int, cfg: float, edit_side: tuple[int, int] | None = None,

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from ..errors import CheckpointError, InputError
-from ..limits import check_seed
+from ..limits import seed_list
 from ..tokens import VisualTokens
 from .components import latent_scale
 from .conditioning import (check_output_size, check_steps, check_tokens, make_scheduler, max_output_side,
@@ -39,8 +39,7 @@ def check_decode_args(steps, guidance, seed) -> None:
     check_steps(steps)
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
         raise InputError(f"guidance must be a finite number, got {guidance!r}")
-    for s in seed if isinstance(seed, (list, tuple)) else [seed]:
-        check_seed(s)
+    seed_list(seed)
 
 
 class UniARDecoder:
@@ -118,9 +117,7 @@ class UniARDecoder:
         """Validate everything :meth:`decode` needs (cheap); returns the output (height, width)."""
         check_tokens(tokens, self.bsq_dim, self.levels, self.merge_unit, self.fingerprint)
         check_decode_args(steps, guidance, seed)
-        if isinstance(seed, (list, tuple)) and len(seed) != tokens.batch_size:
-            raise InputError(f"{len(seed)} seeds for {tokens.batch_size} token grid(s); give one seed, or one per "
-                             "grid")
+        seed_list(seed, tokens.batch_size, "token grid(s)")
         h, w = target_size(tokens.ar_height, tokens.ar_width, upsampling_ratio)
         check_output_size((tokens.ar_height, tokens.ar_width), (h, w), self.transformer.super_resolution,
                           max_output_side(self.transformer, self.vae_scale))

@@ -55,10 +55,12 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def attention(q, k, v, mask, backend: str, scale: float, causal: bool = False):
     """q: (B, H, T, D); k, v: (B, Hkv, S, D); mask: additive (B, 1, T, S) or None. Returns (B, T, H*D).
 
-    ``causal`` is only used when ``mask`` is None."""
+    ``causal`` is only used when ``mask`` is None.  ``flash_attention_2`` is chosen for a CUDA device in half
+    precision; a model built with it and then run elsewhere (a host moved it to the CPU: ComfyUI's Select Model
+    Device) computes the same attention with SDPA."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
-    if backend == "flash_attention_2" and mask is None:
+    if backend == "flash_attention_2" and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from flash_attn import flash_attn_func
 
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,

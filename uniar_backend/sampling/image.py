@@ -399,9 +399,12 @@ class _Sampler:
             return q.exponential_(1, generator=self.generator)
         if self.parts[0].dtype != dtype:
             self.parts = [torch.empty(p.shape, dtype=dtype, device=dev) for p in self.parts]
+            self.q = torch.empty(self.q.shape, dtype=dtype, device=dev)
         for p, g in zip(self.parts, self.streams):
             p.exponential_(1, generator=g)
-        return torch.stack(self.parts, dim=1).view(-1, 2)
+        # into the step's buffer (no allocation per step): q viewed as (rows of a prompt, prompts, bits, 2)
+        torch.stack(self.parts, dim=1, out=self.q.view(self.parts[0].shape[0], len(self.parts), -1, 2))
+        return self.q
 
     def __call__(self, logits):
         R = self.R
